@@ -1,0 +1,49 @@
+"""GGUF names that gguf-mtp owns or relies on: one place, so writer, checker and planner agree.
+
+See docs/contracts.md. Keys of our own live under ``gguf_mtp.``; architecture keys follow llama.cpp's
+``{arch}.<name>`` templates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+# --- architectures -------------------------------------------------------------------------------
+ARCH_TARGET = "gemma4"
+ARCH_DRAFTER = "gemma4-assistant"
+ARCH_PROJECTOR = "clip"
+
+# --- provenance and pairing keys of our own ------------------------------------------------------
+VERSION = "gguf_mtp.version"
+SOURCE = "gguf_mtp.source"
+SOURCE_REVISION = "gguf_mtp.source_revision"
+ROLE = "gguf_mtp.role"
+PAIR_TARGET_HIDDEN = "gguf_mtp.pair.target_hidden"
+PAIR_VOCAB_SHA256 = "gguf_mtp.pair.vocab_sha256"
+
+ROLES = ("target", "drafter", "projector")
+
+# --- centroid-clustered drafter head (E2B/E4B drafters) -----------------------------------------
+CENTROIDS_TENSOR = "masked_embd_centroids.weight"  # F32/F16, ggml shape {drafter hidden, clusters}
+ORDERING_TENSOR = "masked_embd_ordering"  # I32, ggml shape {vocab}
+CENTROID_COUNT = "{arch}.centroid_count"  # u32
+CENTROID_TOP_K = "{arch}.centroid_top_k"  # u32
+
+
+def arch_key(template: str, arch: str) -> str:
+    """Expand an ``{arch}.name`` template (llama.cpp's convention)."""
+    return template.format(arch=arch)
+
+
+def vocab_sha256(tokens: Iterable[str | bytes]) -> str:
+    """SHA-256 over every token's UTF-8 bytes followed by one NUL byte, in id order.
+
+    The same hash is computed from any GGUF's token list, so upstream files without our keys can be
+    paired as well as ours.
+    """
+    h = hashlib.sha256()
+    for tok in tokens:
+        h.update(tok if isinstance(tok, bytes) else tok.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()

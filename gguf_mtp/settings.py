@@ -1,0 +1,129 @@
+"""Runtime settings: the one description of how target + drafter + projector are placed and run.
+
+A plan file (``gguf-mtp plan --json``) is a JSON object whose ``runtime`` member is exactly
+``RuntimeSettings.to_dict()``; ``generate``/``chat --plan FILE`` read it back, and ``render.py`` turns it into
+llama-server flags and Ollama Modelfile lines. Defaults follow llama-server, not llama_context_default_params
+(e.g. ``swa_full`` is false: the sliding-window cache is sized to the window).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import GgufMtpError
+
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+FLASH_ATTN = ("auto", "on", "off")
+DEVICES = ("CPU", "GPU")
+MOE_EXPERT_PATTERN = r"blk\.{layer}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+@dataclass
+class RuntimeSettings:
+    n_gpu_layers: int = -1  # -1: every layer (llama-server's "all"); 0: CPU only
+    tensor_overrides: list[tuple[str, str]] = field(default_factory=list)  # (regex, "CPU"/"GPU"), first match wins
+    n_cpu_moe: int = 0  # MoE experts of the first N layers on the CPU (llama-server --n-cpu-moe)
+    mmproj_on_gpu: bool = True
+    drafter_on_gpu: bool = True
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    swa_full: bool = False
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    threads: int | None = None  # None: llama.cpp's default
+    draft_max: int | None = None  # None: adaptive draft length; K: always draft K tokens
+    draft_cap: int = 8  # upper bound on k for the adaptive chooser
+
+    def __post_init__(self) -> None:
+        self.tensor_overrides = [tuple(o) for o in self.tensor_overrides]  # JSON gives lists
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if self.n_gpu_layers < -1:
+            problems.append(f"n_gpu_layers: expected -1 (all) or >= 0, got {self.n_gpu_layers}")
+        for name in ("cache_type_k", "cache_type_v"):
+            if getattr(self, name) not in KV_TYPES:
+                problems.append(f"{name}: expected one of {', '.join(KV_TYPES)}, got {getattr(self, name)!r}")
+        if self.flash_attn not in FLASH_ATTN:
+            problems.append(f"flash_attn: expected one of {', '.join(FLASH_ATTN)}, got {self.flash_attn!r}")
+        for o in self.tensor_overrides:
+            if len(o) != 2 or o[1] not in DEVICES:
+                problems.append(f"tensor_overrides: expected (pattern, CPU|GPU), got {list(o)!r}")
+        for name in ("n_ctx", "n_batch", "n_ubatch", "draft_cap"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.n_cpu_moe < 0:
+            problems.append(f"n_cpu_moe: expected >= 0, got {self.n_cpu_moe}")
+        if self.draft_max is not None and self.draft_max < 0:
+            problems.append(f"draft_max: expected >= 0, got {self.draft_max}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads: expected >= 1, got {self.threads}")
+        if problems:
+            raise GgufMtpError("runtime settings: " + "; ".join(problems))
+
+    @property
+    def adaptive(self) -> bool:
+        return self.draft_max is None
+
+    def effective_overrides(self) -> list[tuple[str, str]]:
+        """Explicit overrides first, then the expert patterns that ``n_cpu_moe`` stands for."""
+        moe = [(MOE_EXPERT_PATTERN.format(layer=i), "CPU") for i in range(self.n_cpu_moe)]
+        return list(self.tensor_overrides) + moe
+
+    # --- JSON round-trip ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tensor_overrides"] = [list(o) for o in self.tensor_overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RuntimeSettings:
+        if not isinstance(d, dict):
+            raise GgufMtpError(f"runtime settings: expected a JSON object, got {type(d).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise GgufMtpError(f"runtime settings: unknown key(s) {', '.join(unknown)}")
+        for k, v in d.items():
+            if not _type_ok(known[k].type, v):
+                raise GgufMtpError(f"runtime settings: {k}: expected {known[k].type}, got {v!r}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> RuntimeSettings:
+        """A copy with the given fields changed (None values are ignored: 'flag not given')."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    if value is None:
+        return "None" in annotation
+    if annotation.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation.startswith("bool"):
+        return isinstance(value, bool)
+    if annotation.startswith("str"):
+        return isinstance(value, str)
+    if annotation.startswith("list"):
+        return isinstance(value, list | tuple)
+    return True
+
+
+def load_plan_settings(path: str | Path) -> RuntimeSettings:
+    """Read the ``runtime`` member of a plan file (or a bare settings object)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise GgufMtpError(f"plan file {p} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise GgufMtpError(f"plan file {p}: not JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and "runtime" in data:
+        data = data["runtime"]
+    return RuntimeSettings.from_dict(data)
