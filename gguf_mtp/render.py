@@ -13,11 +13,33 @@ from pathlib import Path
 from .settings import RuntimeSettings
 
 DEFAULT_DRAFT = 3  # llama-server's --spec-draft-n-max default; used when the settings say "adaptive"
+GPU_BUFFER = "CUDA0"  # -ot names a backend buffer type (CPU, CUDA0, Metal, Vulkan0...), never a bare "GPU"
+
+# Why serve-cmd does (or does not) add --fit off; printed beside the command.
+FIT_OFF_REASON = ("--fit off: the plan already fixed layers, context and tensor placement; llama-server's fitter "
+                  "would re-decide them without counting the drafter's memory")
+FIT_ON_REASON = ("no --fit off: no plan was given; llama-server's fitter adjusts only the settings this command "
+                 "leaves unset and does not count the drafter's memory (gguf-mtp plan does)")
 
 
-def draft_length(settings: RuntimeSettings, default: int = DEFAULT_DRAFT) -> int:
+def draft_length(settings: RuntimeSettings, default: int | None = DEFAULT_DRAFT) -> int:
     """Servers take a fixed draft length; adaptive settings fall back to ``default`` (capped)."""
+    default = DEFAULT_DRAFT if default is None else default
     return settings.draft_max if settings.draft_max is not None else min(default, settings.draft_cap)
+
+
+def recommended_draft_length(hidden_size: int | None, n_layers: int | None) -> int | None:
+    """The registry's draft length for the variant with this target shape (None when no variant matches).
+
+    Servers take one fixed length, so an adaptive plan needs a number; the registry's recommendation
+    (measured per variant) beats llama-server's generic default.
+    """
+    from .registry import load_registry
+
+    for v in load_registry():
+        if v.text.hidden == hidden_size and v.text.layers == n_layers:
+            return v.recommended.draft_length
+    return None
 
 
 def server_args(
@@ -27,11 +49,14 @@ def server_args(
     mmproj: str | Path | None = None,
     port: int | None = None,
     placement_fixed: bool = True,
+    draft_default: int | None = None,
+    gpu_buffer: str = GPU_BUFFER,
 ) -> list[str]:
     """llama-server's argument list (without the program name).
 
     ``placement_fixed`` adds ``--fit off``: a plan already chose layers and context, and llama-server's
-    fitter would otherwise re-decide them without counting the drafter.
+    fitter would otherwise re-decide them without counting the drafter. ``draft_default`` is the draft
+    length used when the settings are adaptive; ``gpu_buffer`` is the buffer type a "GPU" override names.
     """
     s = settings
     args = ["-m", str(target)]
@@ -40,11 +65,13 @@ def server_args(
         if not s.mmproj_on_gpu:
             args.append("--no-mmproj-offload")
     if drafter:
-        args += ["--spec-type", "draft-mtp", "-md", str(drafter), "--spec-draft-n-max", str(draft_length(s))]
+        args += ["--spec-type", "draft-mtp", "-md", str(drafter)]
+        args += ["--spec-draft-n-max", str(draft_length(s, draft_default))]
         args += ["-ngld", "all" if s.drafter_on_gpu else "0"]
     args += ["-ngl", "all" if s.n_gpu_layers < 0 else str(s.n_gpu_layers)]
     if s.tensor_overrides:
-        args += ["-ot", ",".join(f"{pat}={dev}" for pat, dev in s.tensor_overrides)]
+        buffers = {"CPU": "CPU", "GPU": gpu_buffer}
+        args += ["-ot", ",".join(f"{pat}={buffers[dev]}" for pat, dev in s.tensor_overrides)]
     if s.n_cpu_moe:
         args += ["--n-cpu-moe", str(s.n_cpu_moe)]
     args += ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch)]
@@ -61,9 +88,11 @@ def server_args(
 
 
 def server_command(settings: RuntimeSettings, target, drafter=None, mmproj=None, port=None,
-                   placement_fixed: bool = True, program: str = "llama-server") -> str:
+                   placement_fixed: bool = True, program: str = "llama-server", draft_default: int | None = None,
+                   gpu_buffer: str = GPU_BUFFER) -> str:
     """The shell-quoted command line; ``shlex.split`` gives back ``[program, *server_args(...)]``."""
-    return shlex.join([program, *server_args(settings, target, drafter, mmproj, port, placement_fixed)])
+    args = server_args(settings, target, drafter, mmproj, port, placement_fixed, draft_default, gpu_buffer)
+    return shlex.join([program, *args])
 
 
 @dataclass(frozen=True)
@@ -72,9 +101,11 @@ class OllamaSetting:
 
     comment: str
     env: str | None = None
+    lost: str = ""  # what the model runs without when the setting cannot be carried over
 
 
-def ollama_parameters(settings: RuntimeSettings, drafter: bool, n_layers: int | None = None) -> dict[str, object]:
+def ollama_parameters(settings: RuntimeSettings, drafter: bool, n_layers: int | None = None,
+                      draft_default: int | None = None) -> dict[str, object]:
     """The Modelfile PARAMETERs the settings map to (names Ollama accepts)."""
     params: dict[str, object] = {"num_ctx": settings.n_ctx}
     if settings.n_gpu_layers >= 0:
@@ -86,7 +117,7 @@ def ollama_parameters(settings: RuntimeSettings, drafter: bool, n_layers: int | 
     if settings.n_batch != 512:
         params["num_batch"] = settings.n_batch
     if drafter:
-        params["draft_num_predict"] = draft_length(settings)
+        params["draft_num_predict"] = draft_length(settings, draft_default)
     return params
 
 
@@ -96,13 +127,24 @@ def ollama_unexpressible(settings: RuntimeSettings) -> list[OllamaSetting]:
     overrides = settings.effective_overrides()
     if overrides:
         pats = ", ".join(f"{p}={d}" for p, d in overrides)
-        out.append(OllamaSetting(f"tensor overrides ({pats}) are not expressible; Ollama decides placement itself"))
+        out.append(OllamaSetting(f"tensor overrides ({pats}) are not expressible; Ollama decides placement itself",
+                                 lost="per-tensor placement: Ollama offloads whole layers (num_gpu) instead"))
     if not settings.mmproj_on_gpu:
-        out.append(OllamaSetting("projector on CPU is not expressible; Ollama offloads it when it fits"))
+        out.append(OllamaSetting("projector on CPU is not expressible; Ollama offloads it when it fits",
+                                 lost="the projector's VRAM saving"))
+    if not settings.drafter_on_gpu:
+        out.append(OllamaSetting("drafter on CPU is not expressible; Ollama places the drafter itself",
+                                 lost="the drafter's VRAM saving"))
+    if settings.swa_full:
+        out.append(OllamaSetting("full-size sliding-window cache (swa_full) is not expressible",
+                                 lost="the plan's sliding-window cache layout"))
     if settings.cache_type_k != "f16" or settings.cache_type_v != "f16":
         kv = settings.cache_type_k if settings.cache_type_k == settings.cache_type_v else settings.cache_type_k
-        out.append(OllamaSetting(f"KV cache type {kv} (server-wide, needs flash attention)", f"OLLAMA_KV_CACHE_TYPE={kv}"))
+        out.append(OllamaSetting(f"KV cache type {kv} (server-wide, needs flash attention)",
+                                 f"OLLAMA_KV_CACHE_TYPE={kv}",
+                                 lost="the quantized KV cache: f16 KV needs more VRAM per context token"))
     if settings.flash_attn != "auto":
         val = "1" if settings.flash_attn == "on" else "0"
-        out.append(OllamaSetting(f"flash attention {settings.flash_attn} (server-wide)", f"OLLAMA_FLASH_ATTENTION={val}"))
+        out.append(OllamaSetting(f"flash attention {settings.flash_attn} (server-wide)",
+                                 f"OLLAMA_FLASH_ATTENTION={val}", lost=f"flash attention {settings.flash_attn}: Ollama chooses it per model"))
     return out

@@ -1,0 +1,284 @@
+"""Memory arithmetic for Gemma 4 on llama.cpp: tensor bytes, KV-cache cells and bytes, compute buffers.
+
+Pure functions over numbers (no files, no llama.cpp): ``plan.py`` feeds them a model layout and a set of runtime
+settings. Each formula names the llama.cpp behaviour it reproduces (llama-context.cpp, llama-kv-cache*.cpp,
+ggml-alloc); tests/test_plan.py checks them against llama.cpp's own no_alloc numbers on full-size skeletons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import GgufMtpError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+KV_CELL_PAD = 256  # llama_context pads n_ctx (and the SWA cache) to 256 cells
+TENSOR_ALIGN = 32  # GGUF data alignment; CPU buffers align each tensor to 32 bytes (CUDA: 128)
+GPU_TENSOR_ALIGN = 128
+
+
+# --- ggml types -------------------------------------------------------------------------------------
+
+
+def ggml_type(name: str) -> GGMLQuantizationType:
+    """A ggml type from llama.cpp's spelling, any case ("q8_0", "Q4_K", "bf16")."""
+    try:
+        return GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise GgufMtpError(f"unknown ggml type {name!r}") from None
+
+
+def row_bytes(type_name: str, n: int) -> int:
+    """Bytes of ``n`` consecutive elements (ggml_row_size): whole blocks of the type."""
+    block, size = GGML_QUANT_SIZES[ggml_type(type_name)]
+    if n % block:
+        raise GgufMtpError(f"a row of {n} elements is not a whole number of {type_name} blocks ({block})")
+    return n // block * size
+
+
+def tensor_bytes(type_name: str, shape: tuple[int, ...] | list[int]) -> int:
+    """ggml_nbytes of a contiguous tensor, shape in ggml order {ne0, ne1, ...}."""
+    rows = 1
+    for d in shape[1:]:
+        rows *= d
+    return rows * row_bytes(type_name, shape[0])
+
+
+def pad(x: int, n: int) -> int:
+    return (x + n - 1) // n * n
+
+
+# --- KV cache ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttnLayer:
+    """One attention layer as the KV cache sees it (llama_hparams per layer)."""
+
+    sliding: bool
+    head_dim: int  # n_embd_head_k == n_embd_head_v for Gemma 4
+    n_head: int
+    n_head_kv: int
+    owns_kv: bool = True  # False: a KV-shared layer (reads an earlier layer's cache)
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.head_dim * self.n_head_kv
+
+
+@dataclass(frozen=True)
+class KVCells:
+    """Cell counts the way llama_context / llama_kv_cache_iswa compute them."""
+
+    n_ctx: int  # after padding to 256 (what llama_n_ctx reports)
+    full: int  # cells of the non-SWA cache (per stream)
+    sliding: int  # cells of the SWA cache (per stream)
+    streams: int  # 1 with a unified cache, else n_seq_max
+
+
+def kv_cells(n_ctx: int, n_ubatch: int, n_swa: int, n_seq: int = 1, unified: bool = False,
+             swa_full: bool = False) -> KVCells:
+    """llama_context: n_ctx padded to 256 (per sequence when not unified); the iswa cache sizes the sliding
+    part to ``pad(min(full, n_swa * (unified ? n_seq : 1) + n_ubatch), 256)`` unless ``swa_full``.
+
+    ``n_ubatch`` is the context's effective ubatch: min(n_ubatch, n_batch, n_ctx).
+    """
+    n_ctx = pad(n_ctx, KV_CELL_PAD)
+    if unified:
+        per_seq = n_ctx
+    else:
+        per_seq = pad(n_ctx // n_seq, KV_CELL_PAD)
+        n_ctx = per_seq * n_seq
+    swa = per_seq if swa_full else pad(min(per_seq, n_swa * (n_seq if unified else 1) + n_ubatch), KV_CELL_PAD)
+    return KVCells(n_ctx=n_ctx, full=per_seq, sliding=swa, streams=1 if unified else n_seq)
+
+
+@dataclass(frozen=True)
+class KVBytes:
+    full_k: int
+    full_v: int
+    sliding_k: int
+    sliding_v: int
+    layers_full: int
+    layers_sliding: int
+
+    @property
+    def full(self) -> int:
+        return self.full_k + self.full_v
+
+    @property
+    def sliding(self) -> int:
+        return self.sliding_k + self.sliding_v
+
+    @property
+    def total(self) -> int:
+        return self.full + self.sliding
+
+
+def kv_layer_bytes(layer: AttnLayer, cells: int, streams: int, type_k: str, type_v: str,
+                   v_row: int | None = None) -> tuple[int, int]:
+    """(K, V) bytes of one owning layer: a {n_embd_kv, cells, streams} tensor each.
+
+    ``v_row``: V width when flash attention is off and widths differ across layers (llama.cpp pads every
+    V cache to the widest layer, the "padding V cache" warning).
+    """
+    k = row_bytes(type_k, layer.n_embd_kv) * cells * streams
+    v = row_bytes(type_v, v_row or layer.n_embd_kv) * cells * streams
+    return k, v
+
+
+def kv_cache_bytes(layers: list[AttnLayer], cells: KVCells, type_k: str, type_v: str,
+                   flash_attn: bool) -> KVBytes:
+    """The target's whole KV cache. Shared-KV layers store nothing; with flash attention off the V cache is
+    transposed and every layer's V row is padded to the widest (over *all* layers, shared ones included)."""
+    v_widths = {l.n_embd_kv for l in layers}
+    v_row = max(v_widths) if not flash_attn and len(v_widths) > 1 else None
+    acc = {"full_k": 0, "full_v": 0, "sliding_k": 0, "sliding_v": 0}
+    n = {"full": 0, "sliding": 0}
+    for layer in layers:
+        if not layer.owns_kv:
+            continue
+        kind = "sliding" if layer.sliding else "full"
+        k, v = kv_layer_bytes(layer, cells.sliding if layer.sliding else cells.full, cells.streams, type_k,
+                              type_v, v_row)
+        acc[f"{kind}_k"] += k
+        acc[f"{kind}_v"] += v
+        n[kind] += 1
+    return KVBytes(**acc, layers_full=n["full"], layers_sliding=n["sliding"])
+
+
+def kv_bytes_per_cell(layers: list[AttnLayer], type_k: str, type_v: str, flash_attn: bool) -> tuple[int, int]:
+    """(bytes per full-cache cell, bytes per sliding-cache cell): the slope the context search uses."""
+    b = kv_cache_bytes(layers, KVCells(n_ctx=1, full=1, sliding=1, streams=1), type_k, type_v, flash_attn)
+    return b.full, b.sliding
+
+
+def output_buffer_bytes(n_vocab: int, n_outputs: int, n_embd_out: int = 0, n_batch: int = 0,
+                        nextn_unmasked: bool = False) -> int:
+    """llama_context::output_reserve: host memory for logits (n_vocab x outputs, f32) and, for an MTP target,
+    the nextn hidden rows (one per batch token when unmasked)."""
+    rows = n_batch if nextn_unmasked else n_outputs
+    return 4 * (n_vocab * n_outputs + (n_embd_out * rows if n_embd_out else 0))
+
+
+
+
+# --- compute buffers --------------------------------------------------------------------------------
+# ggml-alloc packs a graph's intermediate tensors into one buffer per backend, freeing each tensor after its
+# last consumer. The buffer's size is the high-water mark, reached in one of a few phases of a Gemma 4 graph;
+# each phase below sums the f32 tensors alive at that point. Fused GLU outputs are not computed in place; the
+# logit soft-cap ops are.
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class TextGraph:
+    """The dimensions of a gemma4 (target) or gemma4-assistant (drafter) graph."""
+
+    n_embd: int
+    n_vocab: int
+    layers: tuple[AttnLayer, ...]
+    ffn: tuple[int, ...]
+    ple_dim: int = 0
+    moe: tuple[int, int, int] | None = None  # (experts, used per token, expert FFN width)
+    n_embd_backbone: int = 0  # drafter: the target's hidden size (pre/post projections)
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    """The worst-case ubatch llama.cpp reserves: min(n_ctx, n_ubatch) tokens, min(tokens, n_outputs_max) outputs."""
+
+    n_tokens: int
+    n_outputs: int
+    n_kv_full: int
+    n_kv_sliding: int
+    flash_attn: bool
+
+
+def graph_shape(n_ctx: int, n_batch: int, n_ubatch: int, n_outputs_max: int, cells: KVCells,
+                flash_attn: bool) -> GraphShape:
+    """llama_context::sched_reserve: n_batch capped by n_ctx, ubatch by n_batch, outputs by n_outputs_max
+    (0 = n_batch)."""
+    n_batch = min(n_ctx, n_batch)
+    n_ubatch = min(n_batch, n_ubatch)
+    n_tokens = min(cells.n_ctx, n_ubatch)
+    outputs = n_outputs_max or n_batch
+    return GraphShape(n_tokens, min(n_tokens, outputs), cells.full * cells.streams,
+                      cells.sliding * cells.streams, flash_attn)
+
+
+# Calibration against llama.cpp's own numbers (tests/test_plan.py, bench/plan_matrix.py): the allocator leaves
+# holes, so a phase needs a little more than the sum of its live tensors. FFN peaks land ~10% above the sum,
+# the logits phase sits above the masks' region when the model has per-layer embeddings; without flash attention one more layer-sized set of rows (a full layer's Q, the
+# residual row and the per-layer-embedding rows) stays allocated under the score matrix.
+FFN_SLACK = 1.10
+OUTPUT_SLACK = 1.02
+FIXED_OVERHEAD = 256 * 1024  # token ids, positions, output ids, small norms
+
+
+def compute_phases(g: TextGraph, s: GraphShape, quantized_kv: bool = False) -> dict[str, int]:
+    """Bytes alive at each phase's peak (the buffer is the largest, see ``compute_buffer_bytes``)."""
+    t, o, e = s.n_tokens, s.n_outputs, g.n_embd
+    mask_el = 2 if s.flash_attn else F32
+    has_full = any(not l.sliding for l in g.layers)
+    has_swa = any(l.sliding for l in g.layers)
+    ple_rows = F32 * g.ple_dim * len(g.layers) * t
+    masks = mask_el * t * ((s.n_kv_full if has_full else 0) + (s.n_kv_sliding if has_swa else 0))
+    persistent = masks + ple_rows
+    if quantized_kv:  # Hadamard rotation matrices of the quantized cache, one per head size
+        persistent += F32 * sum(d * d for d in {l.head_dim for l in g.layers if l.head_dim % 64 == 0})
+    resid = F32 * e * t
+    phases: dict[str, int] = {}
+    if g.ple_dim:
+        phases["input"] = persistent + resid + 2 * ple_rows
+    if g.n_embd_backbone:  # drafter input: target embedding rows + hidden, concatenated, projected
+        phases["input"] = F32 * t * (9 * g.n_embd_backbone // 2 + e)  # before the masks exist
+    q_full = max((F32 * l.head_dim * l.n_head * t for l in g.layers if not l.sliding), default=0)
+    attn = 0
+    for l in g.layers:
+        n_kv = s.n_kv_sliding if l.sliding else s.n_kv_full
+        q = F32 * l.head_dim * l.n_head * t
+        kv = 2 * F32 * l.n_embd_kv * t if l.owns_kv else 0
+        if s.flash_attn:
+            rotated = q if quantized_kv and not g.n_embd_backbone else 0  # the target rotates a copy of Q
+            cur = q + kv + q + rotated  # Q (+ rotated Q), K, V, attention output
+        else:
+            cur = q + F32 * n_kv * t * l.n_head + q  # Q, scores (soft-max in place), KQV
+            if not g.n_embd_backbone:  # the target's holes: a full layer's Q, a residual row, the PLE rows
+                cur += q_full + resid + ple_rows
+        attn = max(attn, persistent + 2 * resid + cur)
+    phases["attention"] = attn
+    ffn = max(g.ffn) if g.ffn else 0
+    slack = 1.0 if g.n_embd_backbone else FFN_SLACK  # the drafter's 4 layers leave no holes worth counting
+    phases["ffn"] = int(slack * (persistent + 3 * resid + 3 * F32 * ffn * t))
+    if g.moe:
+        _, used, fx = g.moe
+        phases["moe"] = persistent + 4 * resid + F32 * t * used * (3 * fx + e)
+    # with per-layer embeddings (E2B/E4B) the masks' freed region stays walled in and the logits land above it;
+    # without them (26B/31B) the logits reuse it (measured on all four variants, 2k-131k contexts)
+    below = masks if g.ple_dim else 0
+    phases["output"] = int(OUTPUT_SLACK * (below + resid + 2 * F32 * e * o + F32 * g.n_vocab * o))
+    return phases
+
+
+def compute_buffer_bytes(g: TextGraph, s: GraphShape, quantized_kv: bool = False) -> int:
+    """llama.cpp's compute buffer for one context on one backend holding the whole graph."""
+    return max(compute_phases(g, s, quantized_kv).values()) + FIXED_OVERHEAD
+
+
+def host_compute_bytes(g: TextGraph, s: GraphShape) -> int:
+    """The CPU-side compute buffer when every layer is on the GPU: the input layer runs on the CPU
+    (token_embd and per_layer_token_embd stay there), so its rows are gathered in host memory."""
+    return F32 * s.n_tokens * (g.n_embd + g.ple_dim * len(g.layers)) + FIXED_OVERHEAD
+
+
+__all__ = [
+    "AttnLayer", "GiB", "GraphShape", "KVBytes", "KVCells", "MiB", "TextGraph", "compute_buffer_bytes",
+    "compute_phases", "ggml_type", "graph_shape", "host_compute_bytes", "kv_bytes_per_cell", "kv_cache_bytes",
+    "kv_cells", "kv_layer_bytes", "output_buffer_bytes", "pad", "row_bytes", "tensor_bytes",
+]

@@ -1,0 +1,258 @@
+"""ctypes glue that llama-cpp-python 0.3.36 lacks, kept in one place.
+
+- ``tensor_buft_overrides`` is an untyped pointer in llama-cpp-python: ``buft_overrides`` builds the
+  NULL-terminated ``{pattern, buft}`` array llama.cpp reads (``-ot`` / ``--n-cpu-moe``), with buffer types from
+  libggml-base (CPU) and the backend registry (GPU).
+- llama.cpp reports what it did (layer placement, overridden tensors, flash attention, KV sizes) only in its log:
+  ``LLAMA_LOG`` captures those lines so errors can quote them and tests can prove a setting arrived.
+- ``Batch`` is a ``llama_batch`` whose arrays Python owns; a row can carry a token *and* an embedding, which the
+  MTP drafter needs (``llama_batch_ext_set_embd_state`` is a stub in this version).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp.llama_cpp as llama
+import llama_cpp.llama_cpp_ext as llama_ext  # noqa: F401  (re-exported for engine.py)
+from llama_cpp._ctypes_extensions import load_shared_library
+
+from ..errors import GgufMtpError
+
+log = logging.getLogger("gguf_mtp.llama")
+
+# --- ggml constants llama-cpp-python does not export --------------------------------------------
+GGML_TYPE_BF16 = 30
+KV_TYPE_IDS = {
+    "f32": llama.GGML_TYPE_F32, "f16": llama.GGML_TYPE_F16, "bf16": GGML_TYPE_BF16, "q8_0": llama.GGML_TYPE_Q8_0,
+    "q4_0": llama.GGML_TYPE_Q4_0, "q4_1": llama.GGML_TYPE_Q4_1, "iq4_nl": llama.GGML_TYPE_IQ4_NL,
+    "q5_0": llama.GGML_TYPE_Q5_0, "q5_1": llama.GGML_TYPE_Q5_1,
+}
+FLASH_ATTN_IDS = {"auto": -1, "off": 0, "on": 1}
+GGML_BACKEND_DEVICE_TYPE_GPU = 1
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def backend_init() -> None:
+    """``llama_backend_init`` once per process, with our log sink installed first."""
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            LLAMA_LOG.install()
+            llama.llama_backend_init()
+            _initialized = True
+
+
+# --- log capture ---------------------------------------------------------------------------------
+LEVEL_NAMES = {1: "DEBUG", 2: "INFO", 3: "WARN", 4: "ERROR"}
+GGML_LOG_LEVEL_CONT = 5
+
+
+@dataclass(frozen=True)
+class LogLine:
+    level: str  # DEBUG / INFO / WARN / ERROR
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class LlamaLog:
+    """Receives every llama.cpp / ggml log line; keeps the recent ones and feeds active captures.
+
+    Lines go to the ``gguf_mtp.llama`` Python logger at DEBUG (the CLI's ``-v`` shows them), so a library user
+    sees nothing unless they ask; failures quote the relevant lines in their exception instead.
+    """
+
+    def __init__(self, keep: int = 4000) -> None:
+        self.recent: deque[LogLine] = deque(maxlen=keep)
+        self._captures: list[list[LogLine]] = []
+        self._partial = ""
+        self._level = 2
+        self._lock = threading.Lock()
+        self._callback = llama.llama_log_callback(self._on_log)  # must outlive the process' use of it
+
+    def install(self) -> None:
+        llama.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        if level != GGML_LOG_LEVEL_CONT:
+            self._level = level
+        with self._lock:
+            self._partial += text.decode("utf-8", errors="replace")
+            while "\n" in self._partial:
+                line, self._partial = self._partial.split("\n", 1)
+                self._emit(LogLine(LEVEL_NAMES.get(self._level, "INFO"), line))
+
+    def _emit(self, line: LogLine) -> None:
+        self.recent.append(line)
+        for cap in self._captures:
+            cap.append(line)
+        log.debug("%s", line.text)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[LogLine]]:
+        """Collect the lines llama.cpp logs inside the block (re-installing the sink: the callback is global)."""
+        self.install()
+        lines: list[LogLine] = []
+        with self._lock:
+            self._captures.append(lines)
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                self._captures.remove(lines)
+
+
+LLAMA_LOG = LlamaLog()
+
+
+def error_lines(lines: Sequence[LogLine], limit: int = 3) -> str:
+    """The last few ERROR lines (else WARN lines), joined for an exception message."""
+    for level in ("ERROR", "WARN"):
+        bad = [ln.text.strip() for ln in lines if ln.level == level and ln.text.strip()]
+        if bad:
+            return "; ".join(bad[-limit:])
+    return ""
+
+
+# --- tensor buffer-type overrides ----------------------------------------------------------------
+class TensorBuftOverride(ctypes.Structure):
+    """``struct llama_model_tensor_buft_override`` (include/llama.h)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _lib_dir() -> Path:
+    return Path(llama.__file__).parent / "lib"
+
+
+_ggml_libs: dict[str, ctypes.CDLL] = {}
+
+
+def _ggml(name: str) -> ctypes.CDLL:
+    if name not in _ggml_libs:
+        _ggml_libs[name] = load_shared_library(name, _lib_dir())
+    return _ggml_libs[name]
+
+
+def cpu_buffer_type() -> int:
+    fn = _ggml("ggml-base").ggml_backend_cpu_buffer_type
+    fn.restype, fn.argtypes = ctypes.c_void_p, []
+    return fn()
+
+
+def gpu_buffer_type() -> int | None:
+    """The first GPU device's buffer type, or None on a CPU-only build."""
+    lib = _ggml("ggml")
+    lib.ggml_backend_dev_by_type.restype, lib.ggml_backend_dev_by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
+    dev = lib.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)
+    if not dev:
+        return None
+    fn = _ggml("ggml-base").ggml_backend_dev_buffer_type
+    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    return fn(dev)
+
+
+def buffer_type_name(buft: int) -> str:
+    fn = _ggml("ggml-base").ggml_backend_buft_name
+    fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    return fn(buft).decode()
+
+
+class BuftOverrides:
+    """A NULL-terminated override array plus the pattern bytes it points at (kept alive together)."""
+
+    def __init__(self, overrides: Sequence[tuple[str, str]]) -> None:
+        self.skipped: list[tuple[str, str]] = []
+        entries = []
+        gpu = None
+        for pattern, device in overrides:
+            if device == "CPU":
+                buft = cpu_buffer_type()
+            else:
+                gpu = gpu if gpu is not None else (gpu_buffer_type() or 0)
+                if not gpu:  # like -ngl on a CPU build: nothing to place there
+                    self.skipped.append((pattern, device))
+                    continue
+                buft = gpu
+            entries.append((pattern.encode(), buft))
+        limit = int(llama.llama_max_tensor_buft_overrides())
+        if len(entries) >= limit:
+            raise GgufMtpError(f"tensor overrides: llama.cpp takes at most {limit - 1}, got {len(entries)}")
+        self._patterns = [p for p, _ in entries]
+        self.array = (TensorBuftOverride * (len(entries) + 1))()
+        for i, (p, buft) in enumerate(entries):
+            self.array[i].pattern = p
+            self.array[i].buft = buft
+        self.count = len(entries)
+
+    @property
+    def pointer(self) -> int | None:
+        return ctypes.cast(self.array, ctypes.c_void_p).value if self.count else None
+
+
+# --- batches -------------------------------------------------------------------------------------
+class Batch:
+    """A reusable ``llama_batch`` (sequence 0) backed by numpy arrays.
+
+    ``set`` fills the first n rows and returns the struct to pass to ``llama_decode``; with ``embd`` the rows carry
+    both token ids and embeddings (the MTP drafter's input: token + the target's hidden state).
+    """
+
+    def __init__(self, capacity: int, n_embd: int = 0) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self._seq0 = np.zeros(capacity, dtype=np.int32)
+        int_p = ctypes.POINTER(ctypes.c_int32)
+        self._seq_ptrs = (int_p * capacity)(
+            *[ctypes.cast(self._seq0.ctypes.data + 4 * i, int_p) for i in range(capacity)])
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        self.embd = np.zeros((capacity, n_embd), dtype=np.float32) if n_embd else None
+        self.struct = llama.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(int_p)
+        self.struct.pos = self.pos.ctypes.data_as(int_p)
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(int_p)
+        self.struct.seq_id = self._seq_ptrs
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._embd_ptr = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if n_embd else None
+
+    def set(self, tokens: Sequence[int] | np.ndarray, pos0: int, outputs: str | Sequence[bool] = "last",
+            embd: np.ndarray | None = None, same_pos: bool = False) -> llama.llama_batch:
+        """Rows ``tokens`` at positions pos0, pos0+1, ... (all at pos0 with ``same_pos``).
+
+        ``outputs``: "last", "all", "none", or one flag per row.
+        """
+        n = len(tokens)
+        if n > self.capacity:
+            raise ValueError(f"batch of {n} rows exceeds capacity {self.capacity}")
+        self.token[:n] = tokens
+        self.pos[:n] = pos0 if same_pos else np.arange(pos0, pos0 + n, dtype=np.int32)
+        if isinstance(outputs, str):
+            self.logits[:n] = 1 if outputs == "all" else 0
+            if outputs == "last" and n:
+                self.logits[n - 1] = 1
+        else:
+            self.logits[:n] = outputs
+        if embd is not None:
+            if self.embd is None:
+                raise ValueError("this batch was made without an embedding buffer")
+            self.embd[:n] = embd
+            self.struct.embd = self._embd_ptr
+        else:
+            self.struct.embd = None
+        self.struct.n_tokens = n
+        return self.struct

@@ -1,0 +1,86 @@
+"""Drafters: anything that, given the state of a round, proposes the next k tokens.
+
+The loop calls ``drafter(DraftRequest) -> Draft``. ``MTPDrafter`` runs the Gemma 4 assistant on llama.cpp's MTP
+context; ``OracleDrafter`` replays a known continuation (the target's own greedy output), optionally corrupting
+every n-th draft — the test and benchmark hook for exact accept/reject patterns and best-case speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .sampling import SamplingParams, probabilities, sample
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class DraftRequest:
+    tokens: Sequence[int]  # the whole context: prompt + emitted tokens; the last one is at ``pos``
+    pos: int  # position of the last token (sampled, not yet in the target's KV cache)
+    hidden: np.ndarray | None  # the target's hidden state at pos - 1 (None when the engine has no MTP drafter)
+    k: int  # drafts wanted (a drafter may return fewer)
+    sampling: SamplingParams
+    sample: bool  # rejection sampling: drafts must be draws from q, and q returned
+    rng: np.random.Generator
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: np.ndarray | None = None  # (len(tokens), n_vocab): the q each draft was drawn from; None: deterministic
+
+
+Drafter = Callable[[DraftRequest], Draft]
+
+
+class MTPDrafter:
+    """The assistant model: each step reads (token, hidden) at the same position and returns the next hidden."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __call__(self, req: DraftRequest) -> Draft:
+        token, h = req.tokens[-1], req.hidden
+        out: list[int] = []
+        qs: list[np.ndarray] = []
+        for _ in range(req.k):
+            logits, h = self.engine.draft_step(token, req.pos, h)
+            if req.sample:
+                q = probabilities(logits, req.sampling)
+                token = sample(q, req.rng)
+                qs.append(q)
+            else:
+                token = int(np.argmax(logits))
+            out.append(token)
+        return Draft(out, np.stack(qs) if qs else None)
+
+
+class OracleDrafter:
+    """Proposes ``reference[len(context):]``; with ``corrupt_every=n`` every n-th proposed draft is wrong.
+
+    ``reference`` is prompt + the target's greedy continuation; once the context leaves it, nothing is proposed.
+    """
+
+    def __init__(self, reference: Sequence[int], n_vocab: int, corrupt_every: int = 0) -> None:
+        self.reference = list(reference)
+        self.n_vocab = n_vocab
+        self.corrupt_every = corrupt_every
+        self.proposed = 0
+
+    def __call__(self, req: DraftRequest) -> Draft:
+        n = len(req.tokens)
+        if self.reference[:n] != list(req.tokens):
+            return Draft([])
+        out = []
+        for t in self.reference[n:n + req.k]:
+            self.proposed += 1
+            if self.corrupt_every and self.proposed % self.corrupt_every == 0:
+                t = (t + 1) % self.n_vocab
+            out.append(t)
+        return Draft(out)

@@ -1,0 +1,188 @@
+"""The speculative loop: prefill, then rounds of draft k -> verify k+1 in one target batch -> accept -> rewind.
+
+``speculative_generate`` is the one generator every front end (generate, chat, bench) drives; ``generate`` runs it
+to the end and detokenizes. State between rounds: ``y`` (the last token, sampled but not yet in the KV cache, at
+position ``engine.n_past``) and ``h`` (the target's hidden state one position earlier, which the drafter reads).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import GgufMtpError
+from .adaptive import AdaptiveK, FixedK
+from .drafters import Draft, Drafter, DraftRequest, MTPDrafter
+from .engine import Engine
+from .sampling import SamplingParams, accept_exact, accept_rejection, probabilities, sample
+from .stats import Stats
+
+ACCEPT_MODES = ("exact", "rejection")
+
+
+@dataclass
+class Round:
+    """What one round emitted: ``tokens`` (kept drafts, then the target's own token unless a stop cut it)."""
+
+    tokens: list[int]
+    k: int  # drafts verified (0: a plain decoding step; also 0 for the first token, sampled from the prompt)
+    kept: int  # drafts that matched (before any stop cut)
+    first: bool = False  # the token sampled from the prompt's logits
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    stats: Stats
+
+
+def make_chooser(engine: Engine, draft_max: int | None = None, adaptive: bool | None = None,
+                 draft_cap: int | None = None) -> FixedK | AdaptiveK:
+    """The draft-length policy the settings (or explicit arguments) ask for, capped by the engine's k_max."""
+    s = engine.settings
+    adaptive = s.adaptive if adaptive is None and draft_max is None else bool(adaptive)
+    if adaptive:
+        return AdaptiveK(min(draft_cap or s.draft_cap, engine.k_max))
+    return FixedK(min(draft_max if draft_max is not None else (s.draft_max or 0), engine.k_max))
+
+
+def speculative_generate(
+    engine: Engine,
+    prompt: Sequence[int],
+    *,
+    max_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    accept: str = "exact",
+    chooser: FixedK | AdaptiveK | None = None,
+    drafter: Drafter | None = None,
+    stats: Stats | None = None,
+    stop_tokens: Iterable[int] = (),
+    ignore_eog: bool = False,
+) -> Iterator[Round]:
+    """Yield what each round emits until an end-of-generation token, ``max_tokens``, or the context's end.
+
+    ``drafter`` replaces the MTP drafter (tests inject oracles); without one and without an MTP drafter every
+    round is a plain decoding step. ``stop_tokens`` end generation like end-of-generation tokens do;
+    ``ignore_eog`` generates through them (benchmarks). When the generator finishes or is closed, the KV cache
+    holds the prompt and every emitted token but the last, so a chat can continue from it (``reuse_prefix``).
+    """
+    if accept not in ACCEPT_MODES:
+        raise GgufMtpError(f"accept: expected one of {', '.join(ACCEPT_MODES)}, got {accept!r}")
+    if not prompt:
+        raise GgufMtpError("empty prompt: nothing to continue from")
+    if len(prompt) > engine.n_ctx:
+        raise GgufMtpError(f"prompt of {len(prompt)} tokens does not fit the context of {engine.n_ctx}; raise --ctx")
+    stats = stats if stats is not None else Stats()
+    drafter = drafter or (MTPDrafter(engine) if engine.has_drafter else None)
+    chooser = chooser or (make_chooser(engine) if drafter else FixedK(0))
+    rng = np.random.default_rng(sampling.seed)
+    stops = set(stop_tokens)
+    context = list(prompt)
+
+    def _is_stop(t: int) -> bool:
+        return t in stops or (not ignore_eog and engine.is_eog(t))
+
+    def _pick(logits: np.ndarray) -> int:
+        return int(np.argmax(logits)) if sampling.greedy else sample(probabilities(logits, sampling), rng)
+
+    def _prefill() -> tuple[int, np.ndarray | None]:
+        t0 = time.perf_counter()
+        stats.reused_tokens = engine.reuse_prefix(prompt)
+        todo = prompt[stats.reused_tokens:]
+        rows = engine.decode(todo, outputs="last")
+        y = _pick(engine.logits(1)[0])
+        h = engine.hidden(rows - 1).copy() if engine.has_drafter else None
+        stats.prefill_tokens, stats.prefill_time = len(todo), time.perf_counter() - t0
+        return y, h
+
+    def _draft(y: int, h: np.ndarray | None, k: int) -> Draft:
+        if k == 0 or drafter is None:
+            return Draft([])
+        req = DraftRequest(context, engine.n_past, h, k, sampling, accept == "rejection" and not sampling.greedy, rng)
+        d = drafter(req)
+        return Draft(list(d.tokens[:k]), d.probs[:k] if d.probs is not None else None)
+
+    def _verify(y: int, d: Draft) -> tuple[int, int]:
+        """Decode [y, d1..dk] in one batch; (drafts kept, the target's next token)."""
+        k = len(d.tokens)
+        engine.decode([y, *d.tokens], outputs="all")
+        logits = engine.logits(k + 1)
+        if sampling.greedy:
+            best = np.argmax(logits, axis=1)
+            kept = 0
+            while kept < k and best[kept] == d.tokens[kept]:
+                kept += 1
+            return kept, int(best[kept])
+        rows = lambda i: probabilities(logits[i], sampling)  # noqa: E731
+        if accept == "rejection":
+            return accept_rejection(rows, d.tokens, d.probs, rng)
+        return accept_exact(rows, d.tokens, rng)
+
+    def _emit(new: list[int], kept: int) -> tuple[list[int], bool]:
+        """The tokens to hand out (cut at a stop token or max_tokens) and whether generation ends here."""
+        out: list[int] = []
+        for t in new:
+            if _is_stop(t):
+                stats.stop_reason = "stop" if t in stops else "eog"
+                stats.stop_token = t
+                break
+            out.append(t)
+        n_drafts = min(len(out), kept)
+        stats.accepted += n_drafts
+        stats.bonus += len(out) - n_drafts
+        stats.tokens += len(out)
+        context.extend(out)
+        if not stats.stop_reason and stats.tokens >= max_tokens:
+            stats.stop_reason = "max_tokens"
+        return out, bool(stats.stop_reason)
+
+    y, h = _prefill()
+    t_start = time.perf_counter()
+    safe = engine.n_past  # the cache holds exactly prompt + emitted tokens up to here
+    try:
+        if max_tokens <= 0:
+            stats.stop_reason = "max_tokens"
+            return
+        out, done = _emit([y], 0)
+        yield Round(out, 0, 0, first=True)
+        while not done:
+            pos0 = engine.n_past
+            room = engine.n_ctx - pos0
+            if room <= 0:
+                stats.stop_reason = "context"
+                break
+            k = chooser.choose(min(room - 1, max_tokens - stats.tokens - 1, engine.k_max)) if drafter else 0
+            t0 = time.perf_counter()
+            d = _draft(y, h, k)
+            t1 = time.perf_counter()
+            kept, nxt = _verify(y, d)
+            t2 = time.perf_counter()
+            if engine.has_drafter:
+                h = engine.hidden(kept).copy()
+            engine.truncate(pos0 + kept + 1)
+            chooser.observe(len(d.tokens), kept, t1 - t0, t2 - t1)
+            stats.record_round(len(d.tokens), kept)
+            stats.draft_time += t1 - t0
+            stats.verify_time += t2 - t1
+            out, done = _emit([*d.tokens[:kept], nxt], kept)
+            if done and len(out) < kept:  # a stop token among the kept drafts: drop it and what follows
+                engine.truncate(pos0 + 1 + len(out))
+            safe = engine.n_past
+            y = nxt
+            yield Round(out, len(d.tokens), kept)
+    finally:
+        engine.truncate(safe)
+        stats.generate_time = time.perf_counter() - t_start
+
+
+def generate(engine: Engine, prompt: Sequence[int], max_tokens: int, **kwargs) -> Generation:
+    """Run the loop to the end: tokens, their text, and the stats."""
+    stats = kwargs.pop("stats", None) or Stats()
+    tokens: list[int] = []
+    for r in speculative_generate(engine, prompt, max_tokens=max_tokens, stats=stats, **kwargs):
+        tokens += r.tokens
+    return Generation(tokens, engine.detokenize(tokens), stats)

@@ -1,0 +1,508 @@
+"""Build llama-cpp-python 0.3.36 with our llama.cpp patches (patches/llama.cpp/), and tell which runtime is loaded.
+
+Why a build of our own: stock llama.cpp refuses real centroid tensors, so E2B/E4B drafters keep their dense head
+(see docs/runtime-build.md). The build is one pip wheel of the sdist, patched, labelled ``0.3.36+gguf_mtp.N`` (still
+satisfies ``llama-cpp-python==0.3.36`` by PEP 440), cached by the patch series' hash, built in a persistent build
+directory so a changed patch recompiles only what it touches.
+
+Standard library only: ``tools/build_runtime.py`` loads this file by path before gguf-mtp or its dependencies are
+installed (README set-up: build the runtime first, then ``pip install -e .`` accepts it; one compile, not two).
+
+Cache layout (``$GGUF_MTP_CACHE``, else ``$XDG_CACHE_HOME/gguf-mtp``, else ``~/.cache/gguf-mtp``)::
+
+    sdist/llama_cpp_python-0.3.36.tar.gz
+    src/<variant>/llama_cpp_python-0.3.36/   patched tree; unchanged files keep their mtime
+    build/<variant>/                         scikit-build-core build dir (incremental)
+    wheels/<variant>-<series hash>/*.whl
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+try:
+    from .errors import GgufMtpError as _ErrorBase
+except ImportError:  # loaded by path (tools/build_runtime.py) before gguf-mtp is installed
+    _ErrorBase = Exception  # type: ignore[misc,assignment]
+
+LLAMA_CPP_PYTHON = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+LOCAL_LABEL = "gguf_mtp"  # wheel version: 0.3.36+gguf_mtp.<series>
+VERSION_SYMBOL = "llama_gguf_mtp_patch_version"  # exported by the last patch: "gguf_mtp.<series>:<topic>,..."
+CENTROID_HEAD = "centroid-head"  # patch topic that loads the centroid-clustered drafter head
+
+_PATCH_NAME = re.compile(r"^(\d{4})-([a-z0-9][a-z0-9-]*)\.patch$")
+_SERIES_DECL = re.compile(r'"gguf_mtp\.(\d+):([a-z0-9,-]+)"')
+
+
+class RuntimeBuildError(_ErrorBase):
+    """The runtime build cannot proceed (message says why and what to do)."""
+
+    exit_code = 2
+
+
+# --- the patch series ----------------------------------------------------------------------------
+
+def default_patch_dir() -> Path:
+    """patches/llama.cpp of this checkout (GGUF_MTP_PATCHES overrides, e.g. for a non-editable install)."""
+    env = os.environ.get("GGUF_MTP_PATCHES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "patches" / "llama.cpp"
+
+
+@dataclass(frozen=True)
+class PatchSeries:
+    """The ordered patches, the series number and topics they declare, and a hash of their contents."""
+
+    patches: tuple[Path, ...]
+    version: int  # N in 0.3.36+gguf_mtp.N, declared by the version patch
+    topics: tuple[str, ...]  # from the file names, in order
+    sha256: str
+
+    @property
+    def label(self) -> str:
+        return f"{LLAMA_CPP_PYTHON}+{LOCAL_LABEL}.{self.version}"
+
+    @property
+    def declared(self) -> str:
+        """What the patched library's version symbol returns."""
+        return f"{LOCAL_LABEL}.{self.version}:{','.join(self.topics)}"
+
+
+def load_series(patch_dir: Path | None = None) -> PatchSeries:
+    """Read patches/llama.cpp/NNNN-<topic>.patch in order; the series must declare itself consistently."""
+    d = patch_dir or default_patch_dir()
+    files = sorted(p for p in d.glob("*.patch")) if d.is_dir() else []
+    if not files:
+        raise RuntimeBuildError(f"no patches in {d} (set GGUF_MTP_PATCHES to the checkout's patches/llama.cpp)")
+    topics, h, declared = [], hashlib.sha256(), None
+    for i, p in enumerate(files, 1):
+        m = _PATCH_NAME.match(p.name)
+        if not m or int(m.group(1)) != i:
+            raise RuntimeBuildError(f"patch {p.name}: expected name {i:04d}-<topic>.patch")
+        topics.append(m.group(2))
+        data = p.read_bytes()
+        h.update(p.name.encode() + b"\0" + data + b"\0")
+        found = _SERIES_DECL.search(data.decode("utf-8", "replace"))
+        if found:
+            declared = found
+    if declared is None:
+        raise RuntimeBuildError(f"no patch in {d} defines {VERSION_SYMBOL}() as \"gguf_mtp.<N>:<topics>\"")
+    series = PatchSeries(tuple(files), int(declared.group(1)), tuple(topics), h.hexdigest())
+    if declared.group(2) != ",".join(topics):
+        raise RuntimeBuildError(f"{VERSION_SYMBOL}() declares topics {declared.group(2)!r}, the series has "
+                                f"{','.join(topics)!r}: update the version patch")
+    return series
+
+
+def parse_declared(value: str) -> tuple[int, tuple[str, ...]] | None:
+    """'gguf_mtp.1:centroid-head,gguf-mtp-version' -> (1, ('centroid-head', 'gguf-mtp-version'))."""
+    m = re.fullmatch(r"gguf_mtp\.(\d+):([a-z0-9,-]*)", value.strip())
+    if not m:
+        return None
+    return int(m.group(1)), tuple(t for t in m.group(2).split(",") if t)
+
+
+# --- cache, sdist, patched source tree ------------------------------------------------------------
+
+def cache_dir() -> Path:
+    env = os.environ.get("GGUF_MTP_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "gguf-mtp"
+
+
+def variant_name(cuda: bool, cuda_arch: str | None) -> str:
+    if not cuda:
+        return "cpu"
+    return "cuda" + ("-" + re.sub(r"[^0-9A-Za-z]+", "-", cuda_arch).strip("-") if cuda_arch else "")
+
+
+def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
+    """The sdist archive: the one given, the cached one, or ``pip download`` (the only network step)."""
+    if sdist is not None:
+        if not sdist.is_file():
+            raise RuntimeBuildError(f"sdist archive not found: {sdist}")
+        return sdist
+    archive = cache / "sdist" / f"{SDIST_NAME}.tar.gz"
+    if archive.is_file():
+        return archive
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(archive.parent)]
+    if subprocess.run(cmd).returncode != 0 or not archive.is_file():
+        raise RuntimeBuildError(f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON} sdist (pip download failed)")
+    return archive
+
+
+def _unpack(archive: Path, dest: Path) -> Path:
+    with tarfile.open(archive) as tar:
+        if sys.version_info >= (3, 12) or hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # pragma: no cover - old Pythons without extraction filters
+            tar.extractall(dest)
+    root = dest / SDIST_NAME
+    if not (root / "vendor" / "llama.cpp").is_dir():
+        raise RuntimeBuildError(f"{archive} is not the llama-cpp-python {LLAMA_CPP_PYTHON} sdist")
+    return root
+
+
+def apply_patches(llama_dir: Path, patches: Sequence[Path]) -> None:
+    """Apply the series in order inside vendor/llama.cpp (git apply, else patch -p1); name the patch that fails."""
+    gitlink = llama_dir / ".git"  # the sdist ships a dangling submodule gitlink; git would trip over it
+    if gitlink.is_file():
+        gitlink.unlink()
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(llama_dir.parent)}
+    for p in patches:
+        if shutil.which("git"):
+            cmd = ["git", "apply", "--whitespace=nowarn", str(p.resolve())]
+        elif shutil.which("patch"):
+            cmd = ["patch", "-p1", "--forward", "--batch", "-i", str(p.resolve())]
+        else:
+            raise RuntimeBuildError("applying patches needs git or patch on PATH")
+        r = subprocess.run(cmd, cwd=llama_dir, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            detail = (r.stderr or r.stdout).strip().splitlines()
+            raise RuntimeBuildError(f"patch {p.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON}'s "
+                                    f"llama.cpp: {detail[0] if detail else 'failed'}")
+
+
+def set_version(src: Path, label: str) -> None:
+    init = src / "llama_cpp" / "__init__.py"
+    text = init.read_text()
+    new, n = re.subn(r'^__version__ = "[^"]*"', f'__version__ = "{label}"', text, count=1, flags=re.M)
+    if n != 1:
+        raise RuntimeBuildError(f"cannot find __version__ in {init}")
+    init.write_text(new)
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def sync_tree(src: Path, dst: Path, keep: Sequence[str] = ()) -> int:
+    """Make dst a copy of src, touching only files whose content changed (so the incremental build stays small).
+
+    Files under ``keep`` (relative prefixes) are left alone. Returns the number of files written or removed.
+    """
+    changed = 0
+    seen = set()
+    for s in src.rglob("*"):
+        rel = s.relative_to(src)
+        seen.add(rel)
+        d = dst / rel
+        if s.is_symlink() or not s.is_file():
+            if s.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+            continue
+        if d.is_file() and _same(s, d):
+            continue
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(s, d)  # new mtime on purpose: the build must see the change
+        shutil.copymode(s, d)
+        changed += 1
+    if dst.is_dir():
+        for d in sorted(dst.rglob("*"), reverse=True):
+            rel = d.relative_to(dst)
+            if rel in seen or any(str(rel).startswith(k) for k in keep):
+                continue
+            if d.is_dir() and not d.is_symlink():
+                if not any(d.iterdir()):
+                    d.rmdir()
+            else:
+                d.unlink()
+                changed += 1
+    return changed
+
+
+def prepare_source(archive: Path, series: PatchSeries, src_root: Path) -> int:
+    """Unpack, patch and label the sdist into a scratch dir, then sync it into src_root. Returns files changed."""
+    src_root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gguf-mtp-sdist-", dir=src_root.parent) as tmp:
+        fresh = _unpack(archive, Path(tmp))
+        apply_patches(fresh / "vendor" / "llama.cpp", series.patches)
+        set_version(fresh, series.label)
+        return sync_tree(fresh, src_root, keep=("llama_cpp/lib",))
+
+
+# --- wheel build and install -----------------------------------------------------------------------
+
+@dataclass
+class BuildResult:
+    wheel: Path
+    built: bool  # False: taken from the wheel cache
+    installed: bool
+    version: str
+    variant: str
+    series_sha256: str
+    files_changed: int = 0
+
+
+@contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    """One build per cache at a time (two builds in one build dir corrupt it)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    with open(cache / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cmake_args(cuda: bool, cuda_arch: str | None) -> list[str]:
+    args = []
+    if cuda:
+        args.append("-DGGML_CUDA=on")
+        if cuda_arch:
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
+    extra = os.environ.get("CMAKE_ARGS", "").split()
+    return args + extra
+
+
+def build_wheel(src_root: Path, build_dir: Path, out_dir: Path, args: Sequence[str], jobs: int | None,
+                log: Path) -> Path:
+    """pip wheel the patched tree with a persistent scikit-build-core build dir; output goes to the log too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(src_root / "llama_cpp" / "lib", ignore_errors=True)  # CMake re-installs it; no stale backends
+    env = {**os.environ, "CMAKE_ARGS": " ".join(args)}
+    if jobs:
+        env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-cache-dir", "-w", str(out_dir),
+           "-C", f"build-dir={build_dir}", "-C", "build.verbose=false", str(src_root)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        fh.write("$ " + " ".join(cmd) + f"\nCMAKE_ARGS={env['CMAKE_ARGS']}\n")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            sys.stdout.write(line)
+        rc = proc.wait()
+    wheels = sorted(out_dir.glob("llama_cpp_python-*.whl"))
+    if rc != 0 or not wheels:
+        raise RuntimeBuildError(f"building the patched llama-cpp-python failed (exit {rc}); log: {log}")
+    return wheels[-1]
+
+
+def install_wheel(wheel: Path) -> None:
+    """Replace whatever llama-cpp-python is installed, then add its own dependencies if missing (numpy, ...)."""
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    for cmd in (pip + ["--no-deps", "--force-reinstall", str(wheel)], pip + [str(wheel)]):
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeBuildError(f"pip could not install {wheel}")
+
+
+def build_runtime(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False,
+                  install: bool = True, sdist: Path | None = None, patch_dir: Path | None = None,
+                  cache: Path | None = None) -> BuildResult:
+    """Fetch, patch, build (incrementally) and install the runtime; a cached wheel of this series is reused."""
+    series = load_series(patch_dir)
+    cache = cache or cache_dir()
+    variant = variant_name(cuda, cuda_arch)
+    args = cmake_args(cuda, cuda_arch)
+    key = hashlib.sha256((series.sha256 + "\0" + " ".join(args)).encode()).hexdigest()[:16]
+    wheel_dir = cache / "wheels" / f"{variant}-{key}"
+    with _locked(cache):
+        cached = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
+        changed, built = 0, False
+        if cached and not force:
+            wheel = cached[-1]
+        else:
+            archive = fetch_sdist(cache, sdist)
+            src_root = cache / "src" / variant / SDIST_NAME
+            changed = prepare_source(archive, series, src_root)
+            shutil.rmtree(wheel_dir, ignore_errors=True)
+            wheel = build_wheel(src_root, cache / "build" / variant, wheel_dir, args, jobs,
+                                cache / "logs" / f"build-{variant}.log")
+            built = True
+        if install:
+            install_wheel(wheel)
+    return BuildResult(wheel, built, install, series.label, variant, series.sha256, changed)
+
+
+# --- what is loaded now ----------------------------------------------------------------------------
+
+@dataclass
+class RuntimeInfo:
+    """The llama-cpp-python this process loads, its backends and our patches in it."""
+
+    installed: bool
+    llama_cpp_python: str | None = None
+    library: str | None = None
+    gpu_offload: bool = False
+    backends: list[str] = field(default_factory=list)
+    devices: list[dict] = field(default_factory=list)
+    patch_series: int | None = None  # None: stock library (no version symbol)
+    patches: list[str] = field(default_factory=list)
+    expected_series: int | None = None  # what this checkout's patches/llama.cpp would build
+    expected_patches: list[str] = field(default_factory=list)
+
+    @property
+    def patched(self) -> bool:
+        return self.patch_series is not None
+
+    @property
+    def centroid_head(self) -> bool:
+        return CENTROID_HEAD in self.patches
+
+    @property
+    def up_to_date(self) -> bool | None:
+        if self.expected_series is None:
+            return None
+        return self.patch_series == self.expected_series and self.patches == self.expected_patches
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "patched": self.patched, "centroid_head": self.centroid_head,
+                "up_to_date": self.up_to_date}
+
+
+_DEV_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL"}
+
+
+def _devices(lib: ctypes.CDLL) -> tuple[list[str], list[dict]]:
+    """Backends and devices from ggml's registry (reachable through libllama's handle)."""
+    try:
+        count, get = lib.ggml_backend_dev_count, lib.ggml_backend_dev_get
+        name, desc, typ = lib.ggml_backend_dev_name, lib.ggml_backend_dev_description, lib.ggml_backend_dev_type
+        reg_of, reg_name = lib.ggml_backend_dev_backend_reg, lib.ggml_backend_reg_name
+    except AttributeError:
+        return [], []
+    count.restype, get.restype, get.argtypes = ctypes.c_size_t, ctypes.c_void_p, [ctypes.c_size_t]
+    for f in (name, desc, reg_name):
+        f.restype, f.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    typ.restype, typ.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    reg_of.restype, reg_of.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    backends, devices = [], []
+    for i in range(count()):
+        dev = get(i)
+        backend = (reg_name(reg_of(dev)) or b"").decode()
+        if backend and backend not in backends:
+            backends.append(backend)
+        devices.append({"name": (name(dev) or b"").decode(), "description": (desc(dev) or b"").decode(),
+                        "type": _DEV_TYPES.get(typ(dev), str(typ(dev))), "backend": backend})
+    return backends, devices
+
+
+def patch_declaration(lib: ctypes.CDLL) -> str | None:
+    """The version symbol's string, or None for a stock library."""
+    try:
+        fn = getattr(lib, VERSION_SYMBOL)
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    return (fn() or b"").decode()
+
+
+def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
+    """Inspect the llama-cpp-python importable in this process (imports it, loading libllama)."""
+    try:
+        expected = load_series(patch_dir)
+    except RuntimeBuildError:
+        expected = None
+    exp = {"expected_series": expected.version, "expected_patches": list(expected.topics)} if expected else {}
+    try:
+        import llama_cpp
+        from llama_cpp import llama_cpp as bindings
+    except ImportError:
+        return RuntimeInfo(installed=False, **exp)
+    lib = bindings._lib
+    backends, devices = _devices(lib)
+    declared = patch_declaration(lib)
+    parsed = parse_declared(declared) if declared else None
+    return RuntimeInfo(
+        installed=True,
+        llama_cpp_python=getattr(llama_cpp, "__version__", None),
+        library=getattr(lib, "_name", None),
+        gpu_offload=bool(bindings.llama_supports_gpu_offload()),
+        backends=backends,
+        devices=devices,
+        patch_series=parsed[0] if parsed else None,
+        patches=list(parsed[1]) if parsed else [],
+        **exp,
+    )
+
+
+def supports_centroid_head() -> bool:
+    """Does the loaded runtime load centroid-head drafters (for pairing.check_set(runtime_centroids=...))?"""
+    try:
+        return runtime_info().centroid_head
+    except Exception:  # noqa: BLE001 - a broken install simply has no patches
+        return False
+
+
+# --- standalone command line (tools/build_runtime.py) -----------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="build_runtime", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd")
+    b = sub.add_parser("build", help="build (and install) the patched llama-cpp-python")
+    b.add_argument("--cuda", action="store_true", help="build the CUDA backend (-DGGML_CUDA=on)")
+    b.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES, e.g. 86 or '86;89' (default: CMake's)")
+    b.add_argument("--jobs", "-j", type=int, help="parallel compile jobs")
+    b.add_argument("--force", action="store_true", help="rebuild even if a wheel of this series is cached")
+    b.add_argument("--no-install", action="store_true", help="only build the wheel")
+    b.add_argument("--sdist", type=Path, help="use this llama-cpp-python 0.3.36 sdist archive (no download)")
+    i = sub.add_parser("info", help="which llama-cpp-python is loaded, its backends and our patches in it")
+    i.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "info":
+            info = runtime_info()
+            print(json.dumps(info.to_dict(), indent=2) if args.json else _describe(info))
+            return 0
+        if args.cmd != "build":
+            ap.print_help()
+            return 2
+        r = build_runtime(cuda=args.cuda, cuda_arch=args.cuda_arch, jobs=args.jobs, force=args.force,
+                          install=not args.no_install, sdist=args.sdist)
+        how = "built" if r.built else "cached"
+        print(f"{how} {r.wheel}" + (" and installed" if r.installed else ""))
+        return 0
+    except RuntimeBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _describe(info: RuntimeInfo) -> str:
+    if not info.installed:
+        return "llama-cpp-python: not installed"
+    patches = ", ".join(info.patches) if info.patched else "none (stock build)"
+    lines = [f"llama-cpp-python: {info.llama_cpp_python}", f"library: {info.library}",
+             f"backends: {', '.join(info.backends) or 'unknown'} (GPU offload: {'yes' if info.gpu_offload else 'no'})",
+             f"gguf-mtp patches: {patches}"]
+    if info.up_to_date is False:
+        lines.append(f"this checkout's series is gguf_mtp.{info.expected_series}: "
+                     f"{', '.join(info.expected_patches)} (rebuild: gguf-mtp runtime build)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

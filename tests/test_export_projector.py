@@ -1,0 +1,360 @@
+"""The vision projector export (``convert SRC --mmproj``): layout, values, types, pairing, refusals, and evidence
+that llama.cpp's libmtmd loads it and computes transformers' image embeddings; the upstream cross-check
+(convert_hf_to_gguf.py --mmproj) is at the end. Measured numbers: docs/export.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+from test_export import copy_checkpoint, edit_json, gguf, no_leftovers, rewrite_weights
+
+from gguf_mtp import pairing
+from gguf_mtp.cli import main
+from gguf_mtp.export.projector import AUDIO_NOT_SUPPORTED, GLOBAL, LAYER
+from gguf_mtp.export.safetensors import SafetensorsReader
+
+FAMILY = "tiny-e"
+VISION = {"hidden": 32, "layers": 2, "patch": 16, "pool": 3, "text_hidden": 64}
+
+
+def source(export_src: Path) -> Path:
+    return export_src / FAMILY / "target"
+
+
+def hf_tensor(reader: SafetensorsReader, name: str) -> np.ndarray:
+    return np.asarray(reader.raw(name), dtype=np.float32)
+
+
+def expected_names(layers: int = VISION["layers"]) -> list[tuple[str, str]]:
+    """(HF, GGUF) names of every tensor tiny-e's tower implies (clipped linears and standardize on)."""
+    pairs = [("model." + r.hf, r.gguf) for r in GLOBAL]
+    pairs += [("model." + r.hf.format(bid=b), r.gguf.format(bid=b)) for b in range(layers) for r in LAYER]
+    return pairs
+
+
+# --- layout and values -------------------------------------------------------------------------------------------
+def test_keys_follow_clip_cpp(projectors):
+    kv, tensors = gguf(projectors.get())
+    assert kv["general.architecture"] == "clip" and kv["general.type"] == "mmproj"
+    assert kv["clip.has_vision_encoder"] is True and kv["clip.vision.projector_type"] == "gemma4v"
+    assert kv["clip.use_gelu"] is True  # gelu_pytorch_tanh; without it clip.cpp runs gelu_quick
+    assert kv["clip.vision.projection_dim"] == VISION["text_hidden"]
+    assert kv["clip.vision.embedding_length"] == VISION["hidden"]
+    assert kv["clip.vision.block_count"] == VISION["layers"]
+    assert kv["clip.vision.patch_size"] == VISION["patch"]
+    assert kv["clip.vision.image_mean"] == [0.0, 0.0, 0.0] and kv["clip.vision.image_std"] == [1.0, 1.0, 1.0]
+    assert "clip.vision.projector.scale_factor" not in kv  # pooling 3 is clip.cpp's default
+    assert kv["gguf_mtp.role"] == "projector" and kv["gguf_mtp.source"] == "target"
+    assert not any(k.startswith("gemma4.") or k.startswith("tokenizer.") for k in kv)
+    assert sorted(tensors) == sorted(g for _, g in expected_names())
+
+
+def test_every_tensor_equals_its_source(projectors, export_src):
+    """Values as stored; the patch embedding permuted to (E, 3, p, p); 0-d clamp bounds as {1}."""
+    _, tensors = gguf(projectors.get("f32"))
+    reader = SafetensorsReader.from_directory(source(export_src))
+    p = VISION["patch"]
+    for hf, name in expected_names():
+        want = hf_tensor(reader, hf)
+        if name == "v.patch_embd.weight":
+            want = want.reshape(-1, p, p, 3).transpose(0, 3, 1, 2)
+        got = np.asarray(tensors[name].data).reshape(tuple(int(d) for d in reversed(tensors[name].shape)))
+        assert got.shape == (want.shape or (1,)), name
+        np.testing.assert_array_equal(got, want.reshape(got.shape), err_msg=name)
+    assert tuple(int(d) for d in tensors["v.patch_embd.weight"].shape) == (p, p, 3, VISION["hidden"])
+    assert tuple(int(d) for d in tensors["v.blk.0.attn_q.input_min"].shape) == (1,)
+    reader.close()
+
+
+@pytest.mark.parametrize("outtype, weights, patch", [("f32", "F32", "F32"), ("f16", "F16", "F16"),
+                                                     ("bf16", "BF16", "F32"), ("q8_0", "Q8_0", "F32")])
+def test_types_follow_upstream_rules(projectors, outtype, weights, patch):
+    kv, tensors = gguf(projectors.get(outtype))
+    types = {n: t.tensor_type.name for n, t in tensors.items()}
+    assert types["v.patch_embd.weight"] == patch  # F16 only in an f16 file (MmprojModel.tensor_force_quant)
+    assert types["v.position_embd.weight"] == "F32"
+    assert types["mm.input_projection.weight"] == weights and types["v.blk.1.ffn_down.weight"] == weights
+    for n, t in types.items():
+        if n.endswith(("_norm.weight", "ln1.weight", "ln2.weight")) or not n.endswith(".weight"):
+            assert t == "F32", n
+    assert projectors.result(outtype).outtype == weights
+
+
+def test_auto_keeps_the_checkpoint_dtype(projectors):
+    assert projectors.result("auto").outtype == "F32"  # tiny-e is an f32 checkpoint
+
+
+def test_output_does_not_depend_on_where_the_source_lives(projectors, export_src, tmp_path):
+    from gguf_mtp.export.projector import convert_projector
+
+    moved = copy_checkpoint(source(export_src), tmp_path / "elsewhere" / "target")
+    convert_projector(moved, tmp_path / "again.gguf")
+    assert (tmp_path / "again.gguf").read_bytes() == projectors.get().read_bytes()
+
+
+# --- pairing -----------------------------------------------------------------------------------------------------
+def test_projector_pairs_with_its_target(projectors, exports):
+    target = pairing.facts_from_gguf(exports.get(FAMILY, "target"))
+    projector = pairing.facts_from_gguf(projectors.get())
+    assert projector.arch == "clip" and projector.hidden_size == target.hidden_size == VISION["text_hidden"]
+    assert pairing.check_set(target, projector=projector) == []
+    other = pairing.facts_from_gguf(exports.get("tiny-q", "target"))  # hidden 512
+    assert [p.field for p in pairing.check_set(other, projector=projector)] == ["projector_dim"]
+
+
+def test_target_option_pair_checks_before_writing(export_src, exports, tmp_path):
+    out = tmp_path / "p.gguf"
+    ok = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(out),
+                                   "--target", str(exports.get(FAMILY, "target"))])
+    assert ok.exit_code == 0, ok.output
+    assert "pair check passed" in ok.stderr
+    bad = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(tmp_path / "q.gguf"),
+                                    "--target", str(exports.get("tiny-q", "target"))])
+    assert bad.exit_code == 1
+    assert "projector_dim" in bad.stderr and not (tmp_path / "q.gguf").exists() and no_leftovers(tmp_path)
+
+
+# --- the CLI and its refusals --------------------------------------------------------------------------------------
+def test_cli_writes_and_reports(export_src, tmp_path):
+    out = tmp_path / "mmproj.gguf"
+    res = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["arch"] == "clip" and doc["role"] == "projector" and doc["n_tensors"] == len(expected_names())
+    assert doc["features"] == ["vision", "clipped", "standardize"]
+    again = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(out)])
+    assert again.exit_code == 2 and "exists (use --force" in again.stderr
+    forced = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(out), "--force"])
+    assert forced.exit_code == 0 and forced.stdout.startswith(f"wrote {out}: clip projector")
+
+
+def _audio_config(c: dict) -> None:
+    c["audio_config"] = {"model_type": "gemma4_audio", "hidden_size": 32}
+
+
+def _add_audio(t: dict, d: dict) -> None:
+    t["model.audio_tower.layers.0.norm_pre_attn.weight"] = np.ones(32, np.float32)
+    t["model.embed_audio.embedding_projection.weight"] = np.zeros((64, 32), np.float32)
+
+
+def test_vision_and_audio_writes_vision_and_says_audio_is_skipped(projectors, export_src, tmp_path):
+    src = copy_checkpoint(source(export_src), tmp_path / "target")
+    edit_json(src / "config.json", _audio_config)
+    rewrite_weights(src, _add_audio)
+    out = tmp_path / "mmproj.gguf"
+    res = CliRunner().invoke(main, ["convert", str(src), "--mmproj", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"note: left out 2 checkpoint tensor(s): {AUDIO_NOT_SUPPORTED}" in res.stderr
+    assert gguf(out)[1].keys() == gguf(projectors.get())[1].keys()
+
+
+def _vision(edit):
+    return lambda c: edit(c["vision_config"])
+
+
+BAD = {
+    # name: (family, role, edit config, edit weights, extra args, expected message)
+    "text-only checkpoint": ("tiny-dense", "target", None, None, [], "text-only Gemma 4 checkpoint .* no vision tower"),
+    "drafter": ("tiny-e", "drafter", None, None, [], "this is an MTP drafter, with no vision tower"),
+    "no vision tower": ("tiny-moe", "target", None, None, [], r"no vision tower \(vision_config is null\)"),
+    "audio only": ("tiny-e", "target", lambda c: (c.update(vision_config=None), _audio_config(c)), None, [],
+                   AUDIO_NOT_SUPPORTED),
+    "activation": ("tiny-e", "target", _vision(lambda v: v.update(hidden_activation="silu")), None, [],
+                   "hidden_activation: llama.cpp's gemma4v projector runs only gelu_pytorch_tanh, got 'silu'"),
+    "rope theta": ("tiny-e", "target", _vision(lambda v: v.update(rope_parameters={"rope_type": "axial",
+                                                                                   "rope_theta": 10.0})),
+                   None, [], "rope_theta: llama.cpp's gemma4v projector runs only 100.0"),
+    "shape disagrees": ("tiny-e", "target", _vision(lambda v: v.update(intermediate_size=48)), None, [],
+                        r"mlp.gate_proj.linear.weight has shape \[64, 32\], but vision_config implies \[48, 32\]"),
+    "missing tensor": ("tiny-e", "target", None, lambda t, d: t.pop("model.vision_tower.std_scale"), [],
+                       "model.vision_tower.std_scale is missing"),
+    "unexpected vision tensor": ("tiny-e", "target", None,
+                                 lambda t, d: t.update({"model.vision_tower.encoder.layers.0.mystery":
+                                                        np.zeros(4, np.float32)}), [],
+                                 "unexpected tensor model.vision_tower.encoder.layers.0.mystery"),
+    "clamps missing": ("tiny-e", "target", None,
+                       lambda t, d: t.pop("model.vision_tower.encoder.layers.1.mlp.up_proj.output_max"), [],
+                       "up_proj.output_max is missing"),
+    "centroids": ("tiny-e", "target", None, None, ["--centroids"], "--centroids belongs to drafters"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_error_line_and_no_file(case, export_src, tmp_path):
+    family, role, cfg_edit, weight_edit, extra, message = BAD[case]
+    src = copy_checkpoint(export_src / family / role, tmp_path / "src")
+    if cfg_edit is not None:
+        edit_json(src / "config.json", cfg_edit)
+    if weight_edit is not None:
+        rewrite_weights(src, weight_edit)
+    out = tmp_path / "out.gguf"
+    res = CliRunner().invoke(main, ["convert", str(src), "--mmproj", "-o", str(out), *extra])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+# --- llama.cpp (libmtmd) computes transformers' image embeddings ------------------------------------------------------
+IMAGES = ((480, 336), (336, 480), (576, 576))  # (width, height): multiples of patch * pooling = 48, >= 70 tokens
+
+
+def random_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def mtmd_image_embeddings(target: Path, mmproj: Path, image: np.ndarray) -> np.ndarray:
+    """Tokenize a prompt holding one image through libmtmd, encode the image chunk, return its embeddings.
+
+    Image sides that are multiples of patch * pooling (and >= 70 soft tokens) are not resized by the gemma4v
+    preprocessor, so both sides see the same pixels.
+    """
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as mt
+
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(os.fsencode(target), llama_cpp.llama_model_default_params())
+    assert model, target
+    params = mt.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 1, False, False
+    ctx = mt.mtmd_init_from_file(os.fsencode(mmproj), model, params)
+    chunks = bitmap = None
+    try:
+        assert ctx, f"libmtmd refused {mmproj}"
+        h, w, _ = image.shape
+        data = (ctypes.c_uint8 * image.size).from_buffer_copy(np.ascontiguousarray(image).tobytes())
+        bitmap = mt.mtmd_bitmap_init(w, h, data)
+        chunks = mt.mtmd_input_chunks_init()
+        prompt = b"describe " + mt.mtmd_default_marker()
+        text = mt.mtmd_input_text(prompt, len(prompt), True, True)
+        assert mt.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mt.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        images = [mt.mtmd_input_chunks_get(chunks, i) for i in range(mt.mtmd_input_chunks_size(chunks))]
+        images = [c for c in images if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        assert len(images) == 1
+        n = mt.mtmd_input_chunk_get_n_tokens(images[0])
+        assert mt.mtmd_encode_chunk(ctx, images[0]) == 0
+        n_embd = llama_cpp.llama_model_n_embd(model)
+        return np.ctypeslib.as_array(mt.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
+    finally:
+        if chunks:
+            mt.mtmd_input_chunks_free(chunks)
+        if bitmap:
+            mt.mtmd_bitmap_free(bitmap)
+        if ctx:
+            mt.mtmd_free(ctx)
+        llama_cpp.llama_model_free(model)
+
+
+def transformers_image_embeddings(model, image: np.ndarray, patch: int) -> np.ndarray:
+    """get_image_features (vision tower + embed_vision) on the pixels Gemma4ImageProcessor would hand over."""
+    import torch
+
+    h, w, _ = image.shape
+    pixels = image.astype(np.float32).transpose(2, 0, 1) / 255.0
+    rows, cols = h // patch, w // patch
+    patches = pixels.reshape(3, rows, patch, cols, patch).transpose(1, 3, 2, 4, 0).reshape(rows * cols, -1)
+    gx, gy = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")
+    positions = np.stack([gx, gy], axis=-1).reshape(-1, 2)
+    with torch.no_grad():
+        out = model.model.get_image_features(torch.from_numpy(patches)[None], torch.from_numpy(positions)[None].long())
+    return out.pooler_output[0].float().numpy()
+
+
+@pytest.fixture(scope="module")
+def hf_target(export_src):
+    reference = pytest.importorskip("reference", reason="needs the dev extra (torch, transformers)")
+    return reference.load_model(source(export_src))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("outtype, max_rel", [("f32", 0.005), ("f16", 0.01)])
+@pytest.mark.parametrize("size", IMAGES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_llama_cpp_image_embeddings_match_transformers(projectors, exports, hf_target, size, outtype, max_rel):
+    image = random_image(*size)
+    got = mtmd_image_embeddings(exports.get(FAMILY, "target"), projectors.get(outtype), image)
+    want = transformers_image_embeddings(hf_target, image, VISION["patch"])
+    assert got.shape == want.shape == (size[0] * size[1] // (48 * 48), VISION["text_hidden"])
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(f"{size[0]}x{size[1]} {outtype}: rel L2 {rel:.3%}, max-abs {np.abs(got - want).max():.4f} "
+          f"of {np.abs(want).max():.2f}")
+    assert rel < max_rel
+
+
+# --- the upstream converter (convert_hf_to_gguf.py --mmproj) ---------------------------------------------------------
+UPSTREAM_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+DRIVER = """
+import json, os, runpy, sys
+script, jobs = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, os.path.dirname(script))
+for src, out, outtype in jobs:
+    sys.argv = [script, src, "--mmproj", "--outfile", out, "--outtype", outtype]
+    runpy.run_path(script, run_name="__main__")
+"""
+# Ours and upstream's differ only here (docs/export.md says why).
+ALLOWED_KEY_DIFFERENCES = {"general.name", "clip.use_gelu"}
+
+
+@pytest.fixture(scope="module")
+def upstream_projectors(export_src, tmp_path_factory) -> dict[str, Path]:
+    from upstream import llama_cpp_dir
+
+    lcpp = llama_cpp_dir()
+    pytest.importorskip("transformers")
+    work = tmp_path_factory.mktemp("upstream-mmproj")
+    out = {t: work / f"mmproj-{t}.gguf" for t in UPSTREAM_OUTTYPES}
+    jobs = [[str(source(export_src)), str(p), t] for t, p in out.items()]
+    env = {**os.environ, "PYTHONPATH": str(lcpp / "gguf-py")}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(lcpp / "convert_hf_to_gguf.py"), json.dumps(jobs)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"upstream converter failed: {proc.stderr[-3000:]}")
+    return out
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    r = GGUFReader(path)
+    kv = {k: (f.contents(), [int(t) for t in f.types]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), np.asarray(t.data).tobytes())
+               for t in r.tensors}
+    return kv, tensors
+
+
+@pytest.mark.upstream
+@pytest.mark.parametrize("outtype", UPSTREAM_OUTTYPES)
+def test_projector_equals_upstream(projectors, upstream_projectors, outtype):
+    ours_kv, ours_t = _read(projectors.get(outtype))
+    up_kv, up_t = _read(upstream_projectors[outtype])
+    assert ours_t.keys() == up_t.keys()
+    for name in ours_t:
+        assert ours_t[name] == up_t[name], name  # name, type, shape, bytes
+    differing = {k for k in ours_kv.keys() | up_kv.keys() if ours_kv.get(k) != up_kv.get(k)}
+    allowed = ALLOWED_KEY_DIFFERENCES | {k for k in ours_kv if k.startswith("gguf_mtp.")}
+    assert differing <= allowed, differing - allowed
+    assert ours_kv["general.name"][0] == "target" and up_kv["general.name"][0] == "Target"
+    assert "clip.use_gelu" not in up_kv
+
+
+@pytest.mark.upstream
+@pytest.mark.reference
+def test_use_gelu_is_why_ours_is_closer_to_transformers(projectors, upstream_projectors, exports, hf_target):
+    """Upstream's file leaves clip.use_gelu out, so clip.cpp runs gelu_quick instead of gelu_pytorch_tanh."""
+    image = random_image(*IMAGES[0])
+    want = transformers_image_embeddings(hf_target, image, VISION["patch"])
+    rel = {}
+    for who, path in (("ours", projectors.get("f32")), ("upstream", upstream_projectors["f32"])):
+        got = mtmd_image_embeddings(exports.get(FAMILY, "target"), path, image)
+        rel[who] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(f"rel L2 vs transformers: ours {rel['ours']:.3%}, upstream {rel['upstream']:.3%}")
+    assert rel["ours"] * 4 < rel["upstream"]

@@ -1,0 +1,199 @@
+"""The offload planner: its arithmetic against llama.cpp's own accounting, and its choices.
+
+llama.cpp is asked through no_alloc loads of full-size sparse skeletons (``gguf_mtp.probe``): it simulates every
+allocation without reading a byte of weights, on this CPU-only build (whose compute buffers stand in for CUDA's).
+The full matrix is bench/plan_matrix.py; this is the small one CI runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gguf_mtp import memory
+from gguf_mtp import plan as planner
+from gguf_mtp.cli import main
+from gguf_mtp.errors import GgufMtpError
+from gguf_mtp.memory import GiB, MiB
+from gguf_mtp.settings import RuntimeSettings, load_plan_settings
+
+EXACT = 0.005  # weights and KV cache
+COMPUTE = 0.10  # compute buffers (allocator fragmentation is modelled, not simulated)
+SMALL = 2 * MiB  # compute buffers below this are compared absolutely (a few input rows dominate)
+
+
+# --- arithmetic --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    ((4096, 512, 512), (4096, 4096, 1024, 1)),  # sliding = pad(512 + 512, 256)
+    ((1000, 512, 512), (1024, 1024, 1024, 1)),  # n_ctx padded to 256; sliding capped at full
+    ((131072, 512, 1024), (131072, 131072, 1536, 1)),
+    ((131072, 9, 1024), (131072, 131072, 1280, 1)),  # pad(1024 + 9, 256)
+    ((8192, 512, 1024, 4, True), (8192, 8192, 4608, 1)),  # llama-server's 4 unified slots: 4 windows
+    ((8192, 512, 1024, 2, False), (8192, 4096, 1536, 2)),  # per-sequence streams
+])
+def test_kv_cells(args, expected) -> None:
+    c = memory.kv_cells(*args)
+    assert (c.n_ctx, c.full, c.sliding, c.streams) == expected
+
+
+def test_kv_cells_swa_full() -> None:
+    assert memory.kv_cells(8192, 512, 1024, swa_full=True).sliding == 8192
+
+
+def test_kv_bytes_per_type() -> None:
+    assert memory.row_bytes("q8_0", 512) == 544 and memory.row_bytes("q4_0", 512) == 288
+    assert memory.row_bytes("f16", 512) == 1024
+
+
+@pytest.mark.parametrize("text, n", [("24GiB", 24 * GiB), ("24GB", 24 * 10**9), ("1024MiB", GiB), ("1.5G", 3 * GiB // 2)])
+def test_parse_size(text: str, n: int) -> None:
+    assert planner.parse_size(text) == n
+
+
+def test_parse_size_rejects_garbage() -> None:
+    with pytest.raises(GgufMtpError, match="expected a size"):
+        planner.parse_size("lots")
+
+
+# --- agreement with llama.cpp -------------------------------------------------------------------------
+
+MATRIX = [
+    # variant, target quant, drafter quant, KV type, flash attention, context
+    ("E2B", "Q4_K_M", "Q8_0", "f16", "auto", 8192),
+    ("31B", "Q4_K_M", "Q8_0", "q8_0", "on", 16384),
+    ("26B-A4B", "Q4_K_M", "Q8_0", "f16", "off", 4096),  # V padded to the widest layer, explicit scores
+]
+
+
+@pytest.mark.parametrize("variant, quant, dquant, kv, fa, n_ctx", MATRIX, ids=[m[0] for m in MATRIX])
+def test_planner_matches_llama_cpp(skeletons, variant, quant, dquant, kv, fa, n_ctx) -> None:
+    from gguf_mtp.probe import compare_with_llama
+
+    target = skeletons.get(variant, "target", quant)
+    drafter = skeletons.get(variant, "drafter", dquant)
+    s = RuntimeSettings(n_ctx=n_ctx, cache_type_k=kv, cache_type_v=kv, flash_attn=fa)
+    rows = {a.item: a for a in compare_with_llama(target, drafter, s)}
+    for item in ("target weights", "drafter weights", "KV cache"):
+        assert abs(rows[item].error) <= EXACT, rows[item]
+    assert rows["drafter KV cache"].llama == 0  # the drafter views the target's cache
+    for item in ("target compute", "drafter compute"):
+        a = rows[item]
+        assert abs(a.error) <= COMPUTE or abs(a.planner - a.llama) <= SMALL, a
+
+
+@pytest.mark.parametrize("variant", ["E2B", "31B"])
+def test_projector_matches_libmtmd(skeletons, variant) -> None:
+    from gguf_mtp.probe import compare_with_llama
+
+    target = skeletons.get(variant, "target", "Q4_K_M")
+    mmproj = skeletons.get(variant, "mmproj")
+    rows = {a.item: a for a in compare_with_llama(target, None, RuntimeSettings(n_ctx=4096), mmproj=mmproj)}
+    assert abs(rows["projector weights + compute"].error) <= 0.01
+    assert abs(rows["projector compute (256-token image)"].error) <= COMPUTE
+
+
+# --- placement rules ----------------------------------------------------------------------------------
+
+def _items(b: planner.Breakdown, device: str) -> dict[str, int]:
+    return {c: n for (d, c), n in b.items.items() if d == device}
+
+
+def test_input_layer_stays_on_cpu_and_tied_head_is_a_gpu_copy() -> None:
+    files = planner.files_from_variant("E2B", "Q4_K_M", "Q8_0")
+    b = planner.breakdown(files, RuntimeSettings(n_ctx=4096))
+    emb = files.target.tensor("token_embd.weight").n_bytes
+    ple = files.target.tensor("per_layer_token_embd.weight").n_bytes
+    cpu, gpu = _items(b, planner.CPU), _items(b, planner.GPU)
+    assert cpu["target embeddings (input)"] == pytest.approx(emb + ple, abs=64)
+    assert gpu["target output head"] >= emb  # the tied head: a second copy of token_embd
+    d_emb = files.drafter.tensor("token_embd.weight").n_bytes
+    assert cpu["drafter embeddings (input)"] == pytest.approx(d_emb, abs=64)
+    assert planner.breakdown(files, RuntimeSettings(n_ctx=4096)).cells.sliding == 1024
+
+
+def test_n_gpu_layers_counts_the_output_layer() -> None:
+    layers, out = planner.layer_devices(4, 1)
+    assert layers == ["CPU"] * 4 and out == "GPU"
+    layers, out = planner.layer_devices(4, 3)
+    assert layers == ["CPU", "CPU", "GPU", "GPU"] and out == "GPU"
+    assert planner.layer_devices(4, -1) == (["GPU"] * 4, "GPU")
+
+
+# --- choices ------------------------------------------------------------------------------------------
+
+def test_31b_with_drafter_and_vision_fits_24gb_on_gpu() -> None:
+    files = planner.files_from_variant("31B", "Q4_K_M", "Q8_0", vision=True)
+    p = planner.plan(planner.Request(files, 24 * GiB, GiB))
+    assert p.fits and p.settings.n_gpu_layers == -1 and p.settings.drafter_on_gpu and p.settings.mmproj_on_gpu
+    assert p.settings.n_ctx >= 16384
+    assert p.gpu_used <= 23 * GiB
+    doc = p.to_dict()
+    assert doc["runtime"] == p.settings.to_dict()
+    assert "--spec-type draft-mtp" in doc["llama_server"] and f"-c {p.settings.n_ctx}" in doc["llama_server"]
+
+
+def test_moe_experts_go_to_the_cpu_first() -> None:
+    files = planner.files_from_variant("26B-A4B", "Q4_K_M", "Q8_0")
+    p = planner.plan(planner.Request(files, 12 * GiB, GiB))
+    assert p.fits
+    assert p.settings.n_cpu_moe > 0 and p.settings.n_gpu_layers == -1
+    assert any("offloaded" in c for (d, c) in p.breakdown.items if d == planner.CPU)
+
+
+def test_fixed_context_and_kv_type() -> None:
+    files = planner.files_from_variant("E2B", "Q4_K_M", "Q8_0")
+    p = planner.plan(planner.Request(files, 8 * GiB, GiB, n_ctx=32768, kv_type="q8_0"))
+    assert p.fits and p.settings.n_ctx == 32768 and p.settings.cache_type_k == "q8_0"
+    assert p.settings.flash_attn == "on"  # a quantized V cache needs flash attention
+    with pytest.raises(GgufMtpError, match="exceeds the model's context"):
+        planner.plan(planner.Request(files, 8 * GiB, GiB, n_ctx=10**6))
+
+
+def test_too_small_a_budget_says_by_how_much() -> None:
+    files = planner.files_from_variant("31B", "Q4_K_M", "Q8_0")
+    p = planner.plan(planner.Request(files, 2 * GiB, GiB, ram=4 * GiB))
+    assert not p.fits and p.shortfall > 0
+    msg = planner.shortfall_message(p)
+    assert msg.startswith("does not fit") and "short" in msg
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+def test_plan_cli_json_roundtrip(tmp_path) -> None:
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(main, ["plan", "--variant", "E2B", "--quant", "Q4_K_M", "--vram", "8GiB", "-o", str(out),
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["fits"] and doc["runtime"] == json.loads(out.read_text())["runtime"]
+    assert load_plan_settings(out).to_dict() == doc["runtime"]
+    assert doc["devices"]["GPU"]["total"] <= doc["devices"]["GPU"]["budget"]
+
+
+def test_plan_cli_table(skeletons) -> None:
+    r = CliRunner().invoke(main, ["plan", "--target", str(skeletons.get("E2B", "target", "Q4_K_M")),
+                                  "--drafter", str(skeletons.get("E2B", "drafter", "Q8_0")), "--vram", "6GiB"])
+    assert r.exit_code == 0, r.output
+    assert "KV cache" in r.output and "llama-server" in r.output and "num_ctx" in r.output
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["--variant", "E9B"], 2, "unknown model variant"),
+    (["--variant", "E2B", "--quant", "Q9_K"], 2, "Q9_K"),
+    (["--variant", "31B", "--vram", "2GiB"], 2, "does not fit"),
+    (["--variant", "31B", "--vram", "1GiB"], 2, "must be larger than --margin"),
+    (["--variant", "E2B", "--ctx", "1000000"], 2, "exceeds"),
+    ([], 2, "either --target"),
+])
+def test_plan_cli_bad_input(args, code, text) -> None:
+    r = CliRunner().invoke(main, ["plan", *args])
+    assert r.exit_code == code and text in r.output, r.output
+
+
+def test_plan_cli_refuses_a_mismatched_drafter(skeletons) -> None:
+    r = CliRunner().invoke(main, ["plan", "--target", str(skeletons.get("E2B", "target", "Q4_K_M")),
+                                  "--drafter", str(skeletons.get("31B", "drafter", "Q8_0"))])
+    assert r.exit_code == 1 and "hidden_size" in r.output, r.output
