@@ -11,7 +11,7 @@ Prints per-step times side by side and their ratio, the target's decode / verify
 run with each drafter (random weights accept ~no drafts, so it measures the overhead a round pays) and the
 tokens/s a round would give at a few acceptance rates from the measured costs.
 
-    python3 bench/bench_centroid_head.py [--target-layers 8] [--threads 2] [--k 3]
+    python3 bench/bench_centroid_head.py [--target-layers 8] [--threads 1] [--k 3]
 """
 
 from __future__ import annotations
@@ -198,44 +198,68 @@ def write_drafter(path: Path, centroids: bool, template: Path) -> Path:
 
 
 # --- measurements ------------------------------------------------------------------------------------
-def _median_ms(fn, n: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
+# The machine is shared: every measurement alternates between the drafters (one sample each, in turn) and reports
+# medians, so a change of load hits both sides alike.
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - t0)
+
+
+def _alternate(fns: dict, n: int) -> dict:
+    """Median ms of each callable, sampled in turn (after one warm-up call each)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    samples = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            samples[name].append(_timed(fn))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def measure(target: Path, drafter: Path | None, settings, prompt_len: int, steps: int, k: int, tokens: int) -> dict:
-    from gguf_mtp.runtime.adaptive import FixedK
-    from gguf_mtp.runtime.engine import Engine
-    from gguf_mtp.runtime.loop import generate
+class Bench:
+    """One engine per drafter on the same target; a prompt already decoded; the first draft step's inputs."""
 
-    with Engine.load(target, drafter, settings, k_max=max(k, 1)) as eng:
+    def __init__(self, target: Path, drafters: dict, settings, prompt_len: int, k: int) -> None:
+        from gguf_mtp.runtime.engine import Engine
+
+        self.engines = {name: Engine.load(target, path, settings, k_max=max(k, 1)) for name, path in drafters.items()}
+        eng = next(iter(self.engines.values()))
         rng = np.random.default_rng(0)
-        prompt = [eng.bos] + rng.integers(108, 400, size=prompt_len - 1).tolist()
-        eng.truncate(0)
-        n = eng.decode(prompt, outputs="last")
-        t = int(eng.logits(1)[0].argmax())
-        res = {}
-        if drafter is not None:
-            h = eng.hidden(n - 1).copy()
-            res["draft_ms"] = _median_ms(lambda: eng.draft_step(t, len(prompt), h), steps)
+        self.prompt = [eng.bos] + rng.integers(108, 400, size=prompt_len - 1).tolist()
+        self.inputs = {}
+        for name, e in self.engines.items():
+            e.truncate(0)
+            n = e.decode(self.prompt, outputs="last")
+            self.inputs[name] = (int(e.logits(1)[0].argmax()), e.hidden(n - 1).copy())
 
-        def verify(m: int) -> None:
-            eng.decode([t] * m, outputs="all")
-            eng.truncate(len(prompt))
+    def draft(self, name: str):
+        e, (t, h) = self.engines[name], self.inputs[name]
+        return lambda: e.draft_step(t, len(self.prompt), h)
 
-        res["target_1_ms"] = _median_ms(lambda: verify(1), steps)
-        res["verify_ms"] = _median_ms(lambda: verify(k + 1), steps)
-        eng.truncate(0)
-        t0 = time.perf_counter()
-        g = generate(eng, prompt, tokens, chooser=FixedK(k if drafter is not None else 0), ignore_eog=True)
-        res["e2e_tok_s"] = len(g.tokens) / (time.perf_counter() - t0)
-        res["accepted"] = f"{g.stats.accepted}/{g.stats.proposed}"
-    return res
+    def verify(self, name: str, rows: int):
+        e, (t, _) = self.engines[name], self.inputs[name]
+
+        def run() -> None:
+            e.decode([t] * rows, outputs="all")
+            e.truncate(len(self.prompt))
+        return run
+
+    def generate(self, name: str, k: int, tokens: int):
+        from gguf_mtp.runtime.adaptive import FixedK
+        from gguf_mtp.runtime.loop import generate
+
+        e, out = self.engines[name], {}
+
+        def run() -> None:
+            e.truncate(0)
+            out["g"] = generate(e, self.prompt, tokens, chooser=FixedK(k), ignore_eog=True)
+        return run, out
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
 
 
 def modeled_tok_s(alpha: float, k: int, draft_ms: float, verify_ms: float) -> float:
@@ -248,10 +272,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=REPO / ".work" / "bench-centroid", help="where the GGUFs are cached")
     ap.add_argument("--target-layers", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="llama.cpp threads (default 1: on a few shared cores the spinning workers of four contexts "
+                         "fight each other)")
     ap.add_argument("--k", type=int, default=3, help="draft length of the end-to-end runs")
-    ap.add_argument("--steps", type=int, default=30, help="timed repetitions per measurement (median)")
-    ap.add_argument("--tokens", type=int, default=48, help="tokens generated per end-to-end run")
+    ap.add_argument("--steps", type=int, default=30, help="timed samples per measurement (median)")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per end-to-end run")
+    ap.add_argument("--runs", type=int, default=3, help="end-to-end runs per configuration (median)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt length")
     args = ap.parse_args()
 
@@ -269,36 +296,44 @@ def main() -> int:
         if not path.exists():
             print(f"writing {path.name} ...", flush=True)
             make(path)
-
-    settings = RuntimeSettings(n_ctx=1024, n_batch=64, n_ubatch=64, threads=args.threads)
-    print(f"llama-cpp-python {info.llama_cpp_python}, patches: {', '.join(info.patches) or 'none'}; "
-          f"{args.threads} threads; target: E2B width, {args.target_layers} layers, f16; drafters f16")
-    rows = {"plain": measure(target, None, settings, args.prompt, args.steps, args.k, args.tokens),
-            "dense": measure(target, dense, settings, args.prompt, args.steps, args.k, args.tokens)}
+    drafters = {"dense": dense}
     if info.centroid_head:
-        rows["centroid"] = measure(target, centroid, settings, args.prompt, args.steps, args.k, args.tokens)
+        drafters["centroid"] = centroid
     else:
         print("centroid head: skipped, the loaded runtime lacks our patch (gguf-mtp runtime build)")
 
-    d = rows["dense"]
-    print(f"\ntarget: 1 token {d['target_1_ms']:.1f} ms, verify of {args.k + 1} rows {d['verify_ms']:.1f} ms")
+    settings = RuntimeSettings(n_ctx=1024, n_batch=64, n_ubatch=64, threads=args.threads)
+    print(f"llama-cpp-python {info.llama_cpp_python}, patches: {', '.join(info.patches) or 'none'}; "
+          f"{args.threads} threads; target: E2B width, {args.target_layers} layers, f16; drafters f16; "
+          f"medians of {args.steps} alternating samples")
+    b = Bench(target, drafters, settings, args.prompt, args.k)
+    try:
+        step = _alternate({n: b.draft(n) for n in drafters}, args.steps)
+        target_ms = _alternate({"1": b.verify("dense", 1), "k+1": b.verify("dense", args.k + 1)}, args.steps)
+        runs = {"plain": b.generate("dense", 0, args.tokens)}
+        runs.update({n: b.generate(n, args.k, args.tokens) for n in drafters})
+        e2e_ms = _alternate({n: fn for n, (fn, _) in runs.items()}, args.runs)
+        kept = {n: out["g"].stats for n, (_, out) in runs.items()}
+    finally:
+        b.close()
+
+    tok_s = {n: 1000 * args.tokens / ms for n, ms in e2e_ms.items()}
+    print(f"\ntarget: 1 token {target_ms['1']:.1f} ms, verify of {args.k + 1} rows {target_ms['k+1']:.1f} ms")
     print(f"{'drafter head':14} {'step ms':>8} {'e2e tok/s (k=' + str(args.k) + ')':>18} {'drafts kept':>12}")
-    print(f"{'(none)':14} {'':>8} {rows['plain']['e2e_tok_s']:>18.1f}")
-    for name in ("dense", "centroid"):
-        if name in rows:
-            r = rows[name]
-            print(f"{name:14} {r['draft_ms']:>8.2f} {r['e2e_tok_s']:>18.1f} {r['accepted']:>12}")
-    if "centroid" in rows:
-        c = rows["centroid"]
-        print(f"\ndrafter step: centroid head {d['draft_ms'] / c['draft_ms']:.2f}x faster than the dense head "
-              f"({c['draft_ms']:.2f} vs {d['draft_ms']:.2f} ms)")
-        print(f"end-to-end with random drafts (no acceptance): {c['e2e_tok_s'] / d['e2e_tok_s']:.2f}x")
-        print(f"\nmodeled from the measured costs, k={args.k} (tokens/s, centroid vs dense):")
+    print(f"{'(no drafter)':14} {'':>8} {tok_s['plain']:>18.2f}")
+    for n in drafters:
+        print(f"{n:14} {step[n]:>8.2f} {tok_s[n]:>18.2f} {kept[n].accepted:>6}/{kept[n].proposed}")
+    if "centroid" in drafters:
+        print(f"\ndrafter step: centroid head {step['dense'] / step['centroid']:.2f}x faster than the dense head "
+              f"({step['centroid']:.2f} vs {step['dense']:.2f} ms)")
+        print(f"end-to-end, random drafts (none kept), k={args.k}: centroid {tok_s['centroid'] / tok_s['dense']:.2f}x "
+              f"the dense drafter's tokens/s")
+        print(f"modeled from these costs, k={args.k}: tokens/s centroid vs dense (target alone "
+              f"{1000 / target_ms['1']:.2f})")
         for alpha in (0.5, 0.7, 0.9):
-            tc = modeled_tok_s(alpha, args.k, c["draft_ms"], c["verify_ms"])
-            td = modeled_tok_s(alpha, args.k, d["draft_ms"], d["verify_ms"])
-            print(f"  acceptance {alpha:.1f}: {tc:.1f} vs {td:.1f} ({tc / td:.2f}x); target alone "
-                  f"{1000 / d['target_1_ms']:.1f}")
+            tc = modeled_tok_s(alpha, args.k, step["centroid"], target_ms["k+1"])
+            td = modeled_tok_s(alpha, args.k, step["dense"], target_ms["k+1"])
+            print(f"  acceptance {alpha:.1f}: {tc:.2f} vs {td:.2f} ({tc / td:.2f}x)")
     return 0
 
 

@@ -83,7 +83,7 @@ def _set_options(f: Any) -> Any:
         click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant)."),
         click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip)."),
         click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Plan JSON (gguf-mtp plan --json)."),
-        click.option("--vram", help="VRAM budget for the planner, e.g. 24GiB (needs gguf_mtp.plan)."),
+        click.option("--vram", help="Plan for this VRAM budget, e.g. 24GiB (instead of --plan)."),
         click.option("--ctx", type=click.IntRange(min=1), help="Context length (overrides the plan's)."),
         click.option("--n-gpu-layers", type=click.IntRange(min=-1), help="Target layers on the GPU (-1 all)."),
         click.option("--draft-max", type=click.IntRange(min=0), help="Draft length (default: plan, else registry)."),
@@ -100,19 +100,23 @@ def _sampling_options(f: Any) -> Any:
 
 
 def _set_settings(plan_file: str | None, vram: str | None, ctx: int | None, n_gpu_layers: int | None,
-                  draft_max: int | None, need_ctx: bool) -> Any:
-    """RuntimeSettings from --plan and/or --ctx/--n-gpu-layers/--draft-max (each overrides the plan's value)."""
-    import importlib.util
-
+                  draft_max: int | None, need_ctx: bool, files: tuple[str, str | None, str | None]) -> Any:
+    """RuntimeSettings from --plan or --vram (the planner), then --ctx/--n-gpu-layers/--draft-max on top."""
     from .settings import RuntimeSettings, load_plan_settings
 
-    if vram is not None:  # the planner (gguf_mtp/plan.py) is written in parallel; until it is wired in:
-        why = "which this install lacks" if importlib.util.find_spec("gguf_mtp.plan") is None else "not wired in yet"
-        raise GgufMtpError(f"--vram needs the offload planner (gguf_mtp.plan), {why}; "
-                           "pass --plan FILE (gguf-mtp plan --json), or --ctx N with optional --n-gpu-layers")
-    if plan_file is None and ctx is None and need_ctx:
-        raise GgufMtpError("give --plan FILE, or --ctx N (with optional --n-gpu-layers)")
-    base = load_plan_settings(plan_file) if plan_file else RuntimeSettings()
+    if plan_file is not None and vram is not None:
+        raise GgufMtpError("give --plan FILE or --vram SIZE, not both")
+    if vram is not None:
+        from .plan import plan_for_files, shortfall_message
+
+        p = plan_for_files(*files, vram=vram, n_ctx=ctx)
+        if not p.fits:
+            raise GgufMtpError(shortfall_message(p))
+        base = p.settings
+    elif plan_file is None and ctx is None and need_ctx:
+        raise GgufMtpError("give --plan FILE, --vram SIZE, or --ctx N (with optional --n-gpu-layers)")
+    else:
+        base = load_plan_settings(plan_file) if plan_file else RuntimeSettings()
     return base.replace(n_ctx=ctx, n_gpu_layers=n_gpu_layers, draft_max=draft_max)
 
 
@@ -158,7 +162,8 @@ def modelfile_cmd(target: str, drafter: str | None, mmproj: str | None, plan_fil
     from . import ollama, render
     from .fsutil import atomic_output, check_output_path
 
-    settings = _set_settings(plan_file, vram, ctx, n_gpu_layers, draft_max, need_ctx=True)
+    settings = _set_settings(plan_file, vram, ctx, n_gpu_layers, draft_max, need_ctx=True,
+                             files=(target, drafter, mmproj))
     extra: dict[str, Any] = {k: v for k, v in sampling.items() if v is not None}
     for item in parameters:
         name, sep, value = item.partition("=")
@@ -217,11 +222,12 @@ def serve_cmd(target: str, drafter: str | None, mmproj: str | None, plan_file: s
     from . import render
     from .pairing import require_compatible
 
-    settings = _set_settings(plan_file, vram, ctx, n_gpu_layers, draft_max, need_ctx=False)
+    settings = _set_settings(plan_file, vram, ctx, n_gpu_layers, draft_max, need_ctx=False,
+                             files=(target, drafter, mmproj))
     tf, df, pf = _set_facts(target, drafter, mmproj)
     require_compatible(tf, df, pf)
     draft_default, source = _draft_choice(settings, tf)
-    fixed = plan_file is not None
+    fixed = plan_file is not None or vram is not None
     argv = ["llama-server", *render.server_args(settings, target, drafter, mmproj, port, fixed, draft_default,
                                                  gpu_buffer)]
     why = render.FIT_OFF_REASON if fixed else render.FIT_ON_REASON

@@ -74,7 +74,9 @@ def server_args(
         args += ["-ot", ",".join(f"{pat}={buffers[dev]}" for pat, dev in s.tensor_overrides)]
     if s.n_cpu_moe:
         args += ["--n-cpu-moe", str(s.n_cpu_moe)]
-    args += ["-c", str(s.n_ctx), "-b", str(s.n_batch), "-ub", str(s.n_ubatch)]
+    # one slot: llama-server's default of 4 slots with a unified cache makes the sliding-window cache four
+    # windows wide, which the plan did not count
+    args += ["-c", str(s.n_ctx), "-np", "1", "-b", str(s.n_batch), "-ub", str(s.n_ubatch)]
     args += ["-ctk", s.cache_type_k, "-ctv", s.cache_type_v, "-fa", s.flash_attn]
     if s.swa_full:
         args.append("--swa-full")

@@ -145,7 +145,8 @@ def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(archive.parent)]
     if subprocess.run(cmd).returncode != 0 or not archive.is_file():
-        raise RuntimeBuildError(f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON} sdist (pip download failed)")
+        raise RuntimeBuildError(f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON} sdist "
+                                "(pip download failed)")
     return archive
 
 

@@ -184,9 +184,11 @@ def test_inconsistent_centroid_keys_are_refused(tiny_e, tmp_path):
             if name.startswith("GGUF.") or name == "general.architecture":
                 continue
             value = top_k if name == "gemma4-assistant.centroid_top_k" else f.contents()
-            w.add_key_value(name, value, f.types[0], sub_type=f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+            sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(name, value, f.types[0], sub_type=sub)
         for t in r.tensors:
-            w.add_tensor(t.name, np.asarray(t.data), raw_shape=[int(x) for x in reversed(t.shape)], raw_dtype=t.tensor_type)
+            shape = [int(x) for x in reversed(t.shape)]
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=shape, raw_dtype=t.tensor_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

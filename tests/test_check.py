@@ -82,11 +82,16 @@ def test_centroid_drafter_passes_with_the_patched_runtime(tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_auto_runtime_centroids_without_patch_refuses(tmp_path):
+def test_auto_runtime_centroids_follows_the_installed_runtime(tmp_path):
+    """Auto-detection asks the loaded llama.cpp: a stock build refuses a centroid drafter, ours accepts it."""
+    from gguf_mtp.runtime import centroid_support
+
     role, kv, extra = MISMATCHES["centroid_support"]
     p = _set(tmp_path, role, kv, extra)
-    report = check_files(p["target"], p["drafter"])  # auto: stock llama-cpp-python has no centroid patch
-    assert report.runtime_centroids is False and [x.field for x in report.problems] == ["centroid_support"]
+    report = check_files(p["target"], p["drafter"])
+    patched = centroid_support()
+    assert report.runtime_centroids is patched
+    assert [x.field for x in report.problems] == ([] if patched else ["centroid_support"])
 
 
 def test_swapped_files_and_bad_file(tmp_path):

@@ -39,7 +39,8 @@ def hf_tensor(reader: SafetensorsReader, name: str) -> np.ndarray:
 def expected_names(layers: int = VISION["layers"]) -> list[tuple[str, str]]:
     """(HF, GGUF) names of every tensor tiny-e's tower implies (clipped linears and standardize on)."""
     pairs = [("model." + r.hf, r.gguf) for r in GLOBAL]
-    pairs += [("model." + r.hf.format(bid=b), r.gguf.format(bid=b)) for b in range(layers) for r in LAYER]
+    pairs += [("model." + r.hf.format(bid=b), r.gguf.format(bid=b)) for b in range(layers) for r in LAYER
+              if not r.optional]
     return pairs
 
 
@@ -157,6 +158,19 @@ def test_vision_and_audio_writes_vision_and_says_audio_is_skipped(projectors, ex
     assert res.exit_code == 0, res.output
     assert f"note: left out 2 checkpoint tensor(s): {AUDIO_NOT_SUPPORTED}" in res.stderr
     assert gguf(out)[1].keys() == gguf(projectors.get())[1].keys()
+
+
+def test_vision_layer_scalars_are_kept_when_present(export_src, tmp_path):
+    src = copy_checkpoint(source(export_src), tmp_path / "target")
+    scales = {f"model.vision_tower.encoder.layers.{i}.layer_scalar": np.full(1, 0.5 + i, np.float32) for i in range(2)}
+    rewrite_weights(src, lambda t, d: t.update(scales))
+    res = CliRunner().invoke(main, ["convert", str(src), "--mmproj", "-o", str(tmp_path / "p.gguf")])
+    assert res.exit_code == 0, res.output
+    _, tensors = gguf(tmp_path / "p.gguf")
+    for i in range(2):
+        t = tensors[f"v.blk.{i}.out_scale.weight"]
+        assert t.tensor_type.name == "F32" and [int(d) for d in t.shape] == [1]
+        assert float(np.asarray(t.data)[0]) == 0.5 + i
 
 
 def _vision(edit):

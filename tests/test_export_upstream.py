@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from upstream import llama_cpp_dir
 
 pytestmark = pytest.mark.upstream
 
 FAMILIES = ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q")
 EXTRA_OUTTYPES = (("tiny-e", "f16"), ("tiny-e", "q8_0"), ("tiny-q", "bf16"), ("tiny-q", "q8_0"))
-DEFAULT_SDIST = Path("/work/src/llama_cpp_python-0.3.36")
 
 DRIVER = """
 import json, os, runpy, sys
@@ -37,19 +37,6 @@ for src, out, outtype in jobs:
     sys.argv = [script, src, "--outfile", out, "--outtype", outtype]
     runpy.run_path(script, run_name="__main__")
 """
-
-
-def llama_cpp_tree() -> Path:
-    try:
-        from upstream import sdist_dir
-        d = sdist_dir()
-    except ImportError:  # pragma: no cover
-        d = None
-    if d is None and not os.environ.get("GGUF_MTP_SDIST") and (DEFAULT_SDIST / "vendor").is_dir():
-        d = DEFAULT_SDIST
-    if d is None:
-        pytest.skip("llama-cpp-python 0.3.36 sdist absent (set GGUF_MTP_SDIST)")
-    return d / "vendor" / "llama.cpp"
 
 
 def tokenizer_json_from_sentencepiece(directory: Path) -> None:
@@ -75,7 +62,7 @@ def tokenizer_json_from_sentencepiece(directory: Path) -> None:
 @pytest.fixture(scope="module")
 def upstream(export_src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, str], Path]:
     """(family, role, outtype) -> the upstream converter's GGUF."""
-    lcpp = llama_cpp_tree()
+    lcpp = llama_cpp_dir()
     pytest.importorskip("transformers")
     work = tmp_path_factory.mktemp("upstream")
     moe = work / "tiny-moe"

@@ -384,8 +384,8 @@ def test_cli_uses_the_registry_draft_length_and_prints_to_stdout(ollama_ggufs):
     (["-p", "num_ctx=lots"], "expected an integer", 2),
     (["--drafter-is-target"], "DRAFT and FROM would be the same file", 2),
     (["--centroids"], "re-export the drafter without --centroids", 1),
-    (["--no-ctx"], "give --plan FILE, or --ctx N", 2),
-    (["--vram", "24GiB"], "--vram", 2),
+    (["--no-ctx"], "give --plan FILE, --vram SIZE, or --ctx N", 2),
+    (["--plan", "p.json", "--vram", "24GiB"], "not both", 2),
 ])
 def test_cli_refusals(ollama_ggufs, args, message, code):
     g = ollama_ggufs

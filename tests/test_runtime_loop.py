@@ -43,6 +43,30 @@ def test_greedy_identity_every_k(engines, family):
         check_stats(g.stats)
 
 
+class RandomK:
+    """Any sequence of draft lengths (0 included) must give the same greedy output."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def choose(self, limit: int) -> int:
+        return int(min(self.rng.integers(0, 9), limit))
+
+    def observe(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("family", RUNTIME_FAMILIES)
+def test_greedy_identity_random_draft_lengths(engines, family):
+    eng = engines.get(family)
+    prompt = corpus_prompts(eng, 1, seed=100)[0]
+    ref = plain(eng, prompt, 64, ignore_eog=True)
+    for seed in range(3):
+        g = generate(eng, prompt, 64, chooser=RandomK(seed), ignore_eog=True)
+        assert_greedy_equivalent(eng, prompt, g.tokens, ref.tokens)
+        check_stats(g.stats)
+
+
 @pytest.mark.parametrize("family", ["tiny-e", "tiny-dense"])
 def test_long_run_wraps_the_sliding_window_cache(engines, family):
     """300+ positions through a 256-cell SWA cache (window 8/16, n_ubatch 16): rollbacks stay inside the window."""
@@ -260,3 +284,24 @@ def test_closing_the_generator_early_leaves_a_consistent_cache(engines):
     it.close()
     assert eng.tokens == (prompt + emitted)[:eng.n_past]
     assert eng.n_past == len(prompt) + len(emitted) - 1  # all but the last emitted token are cached
+
+
+def test_centroid_head_drafter_on_the_patched_runtime(exports):
+    """E-style drafters keep their centroid head when our patched llama.cpp is installed (else skipped)."""
+    from fixtures.runtime import TEST_SETTINGS
+
+    from gguf_mtp.runtime import centroid_support
+    from gguf_mtp.runtime.engine import Engine
+
+    if not centroid_support():
+        pytest.skip("stock llama.cpp: no centroid-head support (gguf-mtp runtime build)")
+    target = exports.get("tiny-e", "target")
+    drafter = exports.get("tiny-e", "drafter", centroids=True)
+    with Engine.load(target, drafter, TEST_SETTINGS) as eng:
+        assert eng.has_drafter
+        for prompt in corpus_prompts(eng, 2, seed=1):
+            ref = plain(eng, prompt, 32)
+            for k in (1, 4):
+                g = generate(eng, prompt, 32, chooser=FixedK(k))
+                assert_greedy_equivalent(eng, prompt, g.tokens, ref.tokens)
+                check_stats(g.stats)

@@ -10,7 +10,6 @@ argument table in the sdist's common/arg.cpp (an option is a llama-server option
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -22,10 +21,9 @@ from gguf_mtp import render
 from gguf_mtp.cli import main
 from gguf_mtp.settings import RuntimeSettings
 
-from upstream import sdist_dir
+from upstream import llama_cpp_dir
 
 FLAGS_FILE = Path(__file__).parent / "golden" / "llama_server_flags.txt"
-WORK_SDIST = Path("/work/src/llama_cpp_python-0.3.36")  # where the dev machines unpack it
 
 # (settings, files, port, placement_fixed) -> the exact argument list we intend
 SERVER_CASES = [
@@ -34,7 +32,7 @@ SERVER_CASES = [
                      flash_attn="on"),
      ("/m/t.gguf", "/m/d.gguf", "/m/mm.gguf"), 8080, True,
      ["-m", "/m/t.gguf", "--mmproj", "/m/mm.gguf", "--spec-type", "draft-mtp", "-md", "/m/d.gguf",
-      "--spec-draft-n-max", "4", "-ngld", "all", "-ngl", "30", "-c", "16384", "-b", "512", "-ub", "512",
+      "--spec-draft-n-max", "4", "-ngld", "all", "-ngl", "30", "-c", "16384", "-np", "1", "-b", "512", "-ub", "512",
       "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on", "--port", "8080", "--fit", "off"]),
     ("MoE offload, projector and drafter on CPU, spaces and quotes in paths",
      RuntimeSettings(n_cpu_moe=3, tensor_overrides=[(r"blk\.0\.attn_.*", "GPU"), ("per_layer_token_embd", "CPU")],
@@ -42,11 +40,11 @@ SERVER_CASES = [
      ("/m/my model's.gguf", '/m/"mtp".gguf', "/m/mm proj.gguf"), None, True,
      ["-m", "/m/my model's.gguf", "--mmproj", "/m/mm proj.gguf", "--no-mmproj-offload", "--spec-type", "draft-mtp",
       "-md", '/m/"mtp".gguf', "--spec-draft-n-max", "2", "-ngld", "0", "-ngl", "all",
-      "-ot", r"blk\.0\.attn_.*=CUDA0,per_layer_token_embd=CPU", "--n-cpu-moe", "3", "-c", "4096", "-b", "512",
+      "-ot", r"blk\.0\.attn_.*=CUDA0,per_layer_token_embd=CPU", "--n-cpu-moe", "3", "-c", "4096", "-np", "1", "-b", "512",
       "-ub", "512", "-ctk", "f16", "-ctv", "f16", "-fa", "auto", "--swa-full", "-t", "8", "--fit", "off"]),
     ("no plan, no drafter, no projector",
      RuntimeSettings(), ("t.gguf", None, None), None, False,
-     ["-m", "t.gguf", "-ngl", "all", "-c", "4096", "-b", "512", "-ub", "512", "-ctk", "f16", "-ctv", "f16",
+     ["-m", "t.gguf", "-ngl", "all", "-c", "4096", "-np", "1", "-b", "512", "-ub", "512", "-ctk", "f16", "-ctv", "f16",
       "-fa", "auto"]),
 ]
 
@@ -99,14 +97,6 @@ def llama_server_flags(arg_cpp: str) -> set[str]:
     return flags
 
 
-def _llama_cpp() -> Path:
-    for root in (sdist_dir(), Path(os.environ["GGUF_MTP_SDIST"]) if os.environ.get("GGUF_MTP_SDIST") else None,
-                 WORK_SDIST):
-        if root is not None and (root / "vendor/llama.cpp/common/arg.cpp").is_file():
-            return root / "vendor/llama.cpp"
-    pytest.skip("llama-cpp-python 0.3.36 sdist absent (set GGUF_MTP_SDIST or run tools/fetch_sdist.py)")
-
-
 def test_arg_cpp_reader_on_a_sample():
     sample = '''
     add_opt(common_arg(
@@ -125,7 +115,7 @@ def test_arg_cpp_reader_on_a_sample():
 
 @pytest.mark.upstream
 def test_every_emitted_flag_exists_in_llama_server():
-    root = _llama_cpp()
+    root = llama_cpp_dir()
     known = llama_server_flags((root / "common" / "arg.cpp").read_text())
     assert len(known) > 200  # the reader found the table
     assert sorted(set(checked_in_flags()) - known) == []
@@ -175,3 +165,19 @@ def test_cli_refuses_a_centroid_drafter(ollama_ggufs):
     g = ollama_ggufs
     r = _run(["serve-cmd", "--target", str(g.target), "--drafter", str(g.centroid_drafter)])
     assert r.exit_code == 1 and "centroid_support" in r.stderr
+
+
+def test_vram_plans_the_placement_for_real_files(tiny_ggufs):
+    """--vram runs the planner on the files: the plan's context reaches the command, and --fit is off."""
+    from click.testing import CliRunner
+
+    from gguf_mtp.cli import main
+
+    t, d = tiny_ggufs[("tiny-dense", "target")], tiny_ggufs[("tiny-dense", "drafter")]
+    r = CliRunner().invoke(main, ["serve-cmd", "--target", str(t), "--drafter", str(d), "--vram", "24GiB", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["fit_off"] is True and out["argv"][-2:] == ["--fit", "off"]
+    assert out["settings"]["n_ctx"] > 4096  # the planner's largest context, not the default
+    r = CliRunner().invoke(main, ["serve-cmd", "--target", str(t), "--drafter", str(d), "--vram", "1KiB"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "fit" in r.stderr

@@ -79,6 +79,7 @@ class Row:
     shape: tuple[str, ...]  # HF shape as dimension names (``()``: a 0-d scalar, written as {1})
     when: tuple[str, ...] = ()
     transform: str | None = None  # a key of TRANSFORMS
+    optional: bool = False  # written when the checkpoint has it (transformers 5.23.0 has no such module)
 
 
 def _clippable(hf: str, gguf: str, shape: tuple[str, ...]) -> tuple[Row, ...]:
@@ -110,6 +111,8 @@ LAYER = (
     *_clippable(_L + "mlp.up_proj", _B + "ffn_up", ("F", "E")),
     *_clippable(_L + "mlp.down_proj", _B + "ffn_down", ("E", "F")),
     Row(_L + "post_feedforward_layernorm.weight", _B + "ffn_post_norm.weight", ("E",)),
+    # a per-layer output scale some Gemma 4 vision checkpoints carry; clip.cpp applies it (upstream maps it too)
+    Row(_L + "layer_scalar", _B + "out_scale.weight", ("1",), optional=True),
 )
 
 
@@ -165,7 +168,7 @@ class VisionHparams:
     def dims(self) -> dict[str, int]:
         return {"E": self.n_embd, "F": self.n_ff, "q": self.n_head * self.head_dim,
                 "kv": self.n_head_kv * self.head_dim, "hd": self.head_dim, "S": self.n_pos, "T": self.text_hidden,
-                "P3": 3 * self.patch_size ** 2, "2": 2}
+                "P3": 3 * self.patch_size ** 2, "2": 2, "1": 1}
 
     def conditions(self) -> set[str]:
         return {c for c, on in (("clipped", self.clipped), ("standardize", self.standardize)) if on}
@@ -315,6 +318,8 @@ def plan_projector(reader: SafetensorsReader, hp: VisionHparams, outtype: Q) -> 
         if not set(row.when) <= conds:
             continue
         name = "model." + (row.hf.format(bid=bid) if bid is not None else row.hf)
+        if row.optional and name not in reader:
+            continue
         gguf_name = row.gguf.format(bid=bid) if bid is not None else row.gguf
         plans.append(_plan_one(reader, row, name, gguf_name, dims, hp.patch_size, outtype))
         used.add(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from .drafters import Draft, Drafter, DraftRequest, MTPDrafter
 from .engine import Engine
 from .sampling import SamplingParams, accept_exact, accept_rejection, probabilities, sample
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .multimodal import MediaPrompt
 
 ACCEPT_MODES = ("exact", "rejection")
 
@@ -62,6 +66,7 @@ def speculative_generate(
     stats: Stats | None = None,
     stop_tokens: Iterable[int] = (),
     ignore_eog: bool = False,
+    media: MediaPrompt | None = None,
 ) -> Iterator[Round]:
     """Yield what each round emits until an end-of-generation token, ``max_tokens``, or the context's end.
 
@@ -69,6 +74,7 @@ def speculative_generate(
     round is a plain decoding step. ``stop_tokens`` end generation like end-of-generation tokens do;
     ``ignore_eog`` generates through them (benchmarks). When the generator finishes or is closed, the KV cache
     holds the prompt and every emitted token but the last, so a chat can continue from it (``reuse_prefix``).
+    ``media`` (multimodal.py) decodes a prompt holding images; ``prompt`` is then ``media.tokens``.
     """
     if accept not in ACCEPT_MODES:
         raise GgufMtpError(f"accept: expected one of {', '.join(ACCEPT_MODES)}, got {accept!r}")
@@ -91,9 +97,9 @@ def speculative_generate(
 
     def _prefill() -> tuple[int, np.ndarray | None]:
         t0 = time.perf_counter()
-        stats.reused_tokens = engine.reuse_prefix(prompt)
-        todo = prompt[stats.reused_tokens:]
-        rows = engine.decode(todo, outputs="last")
+        keep = stats.reused_tokens = media.reuse_prefix(engine) if media is not None else engine.reuse_prefix(prompt)
+        todo = prompt[keep:]
+        rows = media.decode(engine, keep) if media is not None else engine.decode(todo, outputs="last")
         y = _pick(engine.logits(1)[0])
         h = engine.hidden(rows - 1).copy() if engine.has_drafter else None
         stats.prefill_tokens, stats.prefill_time = len(todo), time.perf_counter() - t0

@@ -131,14 +131,14 @@ class FamilySpec:
         return self.architecture == "Gemma4ForConditionalGeneration"
 
 
-def _text(**fields: Any) -> dict[str, Any]:
+def text_fields(**fields: Any) -> dict[str, Any]:
     out = copy.deepcopy(TEXT_COMMON)
     out.update(fields)
     out["num_hidden_layers"] = len(out["layer_types"])
     return out
 
 
-def _drafter_text(target: dict[str, Any], **fields: Any) -> dict[str, Any]:
+def drafter_text_fields(target: dict[str, Any], **fields: Any) -> dict[str, Any]:
     """A Q-only drafter text config whose attention geometry matches the target's last S/F layers."""
     inherited = {
         k: target[k]
@@ -146,30 +146,30 @@ def _drafter_text(target: dict[str, Any], **fields: Any) -> dict[str, Any]:
                   "sliding_window", "rope_parameters", "attention_k_eq_v", "max_position_embeddings")
         if k in target
     }
-    out = _text(**inherited, **fields)
+    out = text_fields(**inherited, **fields)
     out.update(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
     out["num_kv_shared_layers"] = out["num_hidden_layers"]
     return out
 
 
-_E_TARGET = _text(
+_E_TARGET = text_fields(
     layer_types=[S, S, F, S, S, F], num_kv_shared_layers=3, hidden_size=64, intermediate_size=128,
     num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=16,
     hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB_SIZE, use_double_wide_mlp=True,
     max_position_embeddings=131_072,
 )
-_DENSE_TARGET = _text(
+_DENSE_TARGET = text_fields(
     layer_types=[S, S, F, S, S, F], hidden_size=64, intermediate_size=128, num_attention_heads=4,
     num_key_value_heads=2, num_global_key_value_heads=1, head_dim=16, global_head_dim=32, sliding_window=8,
     attention_k_eq_v=True, max_position_embeddings=262_144,
 )
-_MOE_TARGET = _text(
+_MOE_TARGET = text_fields(
     layer_types=[S, S, F, S, S, F], hidden_size=64, intermediate_size=64, num_attention_heads=4,
     num_key_value_heads=2, num_global_key_value_heads=1, head_dim=16, global_head_dim=32, sliding_window=16,
     attention_k_eq_v=True, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
     max_position_embeddings=262_144,
 )
-_Q_TARGET = _text(
+_Q_TARGET = text_fields(
     layer_types=[S, F, S, F], hidden_size=512, intermediate_size=256, num_attention_heads=4,
     num_key_value_heads=1, head_dim=64, global_head_dim=128, sliding_window=8, max_position_embeddings=131_072,
 )
@@ -203,8 +203,8 @@ FAMILIES: dict[str, FamilySpec] = {
             name="tiny-e",
             mimics="gemma-4-E2B: PLE, KV-shared layers, double-wide MLP, centroid-head drafter, vision tower",
             target_text=_E_TARGET,
-            drafter_text=_drafter_text(_E_TARGET, layer_types=[S, S, S, F], hidden_size=32, intermediate_size=64,
-                                       num_attention_heads=2),
+            drafter_text=drafter_text_fields(_E_TARGET, layer_types=[S, S, S, F], hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=2),
             architecture="Gemma4ForConditionalGeneration",
             vision=_TINY_VISION,
             drafter_head={"use_ordered_embeddings": True, "num_centroids": 32, "centroid_intermediate_top_k": 8},
@@ -213,15 +213,15 @@ FAMILIES: dict[str, FamilySpec] = {
             name="tiny-dense",
             mimics="gemma-4-31B: attention_k_eq_v full layers, global KV heads != sliding KV heads, text-only",
             target_text=_DENSE_TARGET,
-            drafter_text=_drafter_text(_DENSE_TARGET, layer_types=[S, F], hidden_size=32, intermediate_size=64,
-                                       num_attention_heads=4),
+            drafter_text=drafter_text_fields(_DENSE_TARGET, layer_types=[S, F], hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=4),
         ),
         FamilySpec(
             name="tiny-moe",
             mimics="gemma-4-26B-A4B: MoE block beside the dense MLP; sentencepiece tokenizer; re-saved config",
             target_text=_MOE_TARGET,
-            drafter_text=_drafter_text(_MOE_TARGET, layer_types=[S, F], hidden_size=32, intermediate_size=64,
-                                       num_attention_heads=4),
+            drafter_text=drafter_text_fields(_MOE_TARGET, layer_types=[S, F], hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=4),
             architecture="Gemma4ForConditionalGeneration",  # the published layout, here without a vision tower
             tokenizer="spm",
             config_style="resaved",
@@ -230,8 +230,8 @@ FAMILIES: dict[str, FamilySpec] = {
             name="tiny-q",
             mimics="k-quant sized pair: every matrix row a multiple of 256, bf16 safetensors",
             target_text=_Q_TARGET,
-            drafter_text=_drafter_text(_Q_TARGET, layer_types=[S, F], hidden_size=256, intermediate_size=512,
-                                       num_attention_heads=4),
+            drafter_text=drafter_text_fields(_Q_TARGET, layer_types=[S, F], hidden_size=256, intermediate_size=512,
+                                             num_attention_heads=4),
             dtype="bfloat16",
         ),
     )

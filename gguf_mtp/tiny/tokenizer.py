@@ -17,13 +17,13 @@ import functools
 import io
 import json
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from .configs import FIRST_BYTE_ID, NEWLINE_ID, VOCAB_SIZE, control_token_table
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
-LEARNED = VOCAB_SIZE - FIRST_BYTE_ID - len(BYTE_TOKENS)
 
 CHAT_TEMPLATE = """\
 {#- Gemma 4 chat format (tiny checkpoints): role assistant renders as model; <|think|> in the system turn
@@ -65,22 +65,33 @@ def corpus_lines() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def tokenizer_json() -> str:
     """The serialized tokenizers.Tokenizer (same for every seed: the vocabulary is not random)."""
+    return bpe_tokenizer_json(corpus_lines())
+
+
+def bpe_tokenizer_json(lines: Iterable[str], vocab_size: int = VOCAB_SIZE, whitespace_runs: bool = False) -> str:
+    """A Gemma 4-layout BPE tokenizer.json trained on ``lines`` (text without newlines).
+
+    ``whitespace_runs``: pieces may hold runs of spaces (``▁▁▁▁``) and a word after them, which source code
+    needs; by default every space starts a new piece, as in the tiny vocabulary. Either way no piece ends in a
+    space after a non-space or crosses a newline, so BPE over a whole line (llama.cpp's gemma4 pre-tokenizer)
+    gives what the pieces were trained on.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+    n_learned = vocab_size - FIRST_BYTE_ID - len(BYTE_TOKENS)
+    words = (pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), "isolated") if whitespace_runs
+             else pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True))
     trainer_tok = Tokenizer(models.BPE(byte_fallback=True))
     trainer_tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n+"), "isolated"),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=LEARNED, min_frequency=2, show_progress=False, special_tokens=[])
-    trainer_tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n+"), "isolated"), words])
+    trainer = trainers.BpeTrainer(vocab_size=n_learned, min_frequency=2, show_progress=False, special_tokens=[])
+    trainer_tok.train_from_iterator(lines, trainer=trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
     learned = sorted(trained["vocab"], key=trained["vocab"].__getitem__)
-    if len(learned) != LEARNED:
-        raise RuntimeError(f"expected {LEARNED} learned pieces, got {len(learned)}")
+    if len(learned) != n_learned:
+        raise RuntimeError(f"expected {n_learned} learned pieces, got {len(learned)}")
 
-    pieces = control_token_table() + BYTE_TOKENS + learned
+    pieces = control_token_table(vocab_size) + BYTE_TOKENS + learned
     vocab = {piece: i for i, piece in enumerate(pieces)}
     merges = [tuple(m) for m in trained["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True, unk_token="<unk>",

@@ -1,0 +1,378 @@
+"""Train the small Gemma 4 pair shipped in gguf_mtp/data/trained-pair (dev-only: needs torch + transformers).
+
+    nice -n 10 python tools/train_tiny_pair.py                   # the whole run, ~20 minutes on 2 busy cores
+    python tools/train_tiny_pair.py target_steps=20 drafter_steps=10 out_dir=/tmp/pair   # a smoke run
+    python tools/train_tiny_pair.py reuse_target=True            # keep work_dir's target, retrain the drafter
+
+Any config value below can be overridden as key=value (nanoGPT's habit). The script reads top to bottom:
+corpus -> tokenizer -> token stream -> target (a Gemma 4 text model, trained from scratch) -> its MTP drafter
+(Gemma4AssistantForCausalLM, trained against the frozen target) -> the Hugging Face layout gguf-mtp converts.
+
+Corpus: the Python standard library's own top-level modules (``Lib/*.py`` of the interpreter running this).
+Every machine with Python has it, so training needs no download; it is real, varied text (code, docstrings,
+comments) of a few MB, and code is the kind of text where MTP drafting pays off (indentation, closing brackets,
+repeated identifiers). Every ``heldout_every``-th module (sorted by name) is held out: never trained on, and the
+first ``heldout_chars`` of those modules are shipped as heldout.txt for the acceptance test. CPython's Lib/ is
+under the PSF License v2 (see the shipped README.md).
+
+Drafter training follows how MTP drafters run (transformers' SinglePositionMultiTokenCandidateGenerator,
+llama.cpp's draft-mtp): the target is frozen; at every position t the drafter reads the target's last hidden
+state h_t (post final norm) and the target's embedding of token t+1, at position t+1, attending to the target's
+K/V of positions <= t (its last sliding and last full layer; on sliding layers only the last W-1 positions, as
+llama.cpp's drafter does). Step j predicts the target's next-token distribution at position t+j (distillation:
+cross-entropy against the target's softmax); step j+1 reads the token at t+j+1 and step j's post_projection
+output as its hidden state, at the same position t+1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import sysconfig
+import time
+from ast import literal_eval
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import reference  # noqa: E402  (tests/reference.py: applies the transformers fixes in patches/transformers)
+from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4ForCausalLM  # noqa: E402
+from transformers import Gemma4TextConfig  # noqa: E402
+
+from gguf_mtp.tiny import configs, tokenizer, weights  # noqa: E402
+from gguf_mtp.tiny.configs import F as FULL, S as SLIDING  # noqa: E402
+
+# -----------------------------------------------------------------------------------------------------------
+# config
+out_dir = str(REPO / "gguf_mtp" / "data" / "trained-pair")  # the shipped pair: target/, drafter/, heldout.txt
+work_dir = str(REPO / ".work" / "train-pair")  # the trained target between runs (reuse_target)
+reuse_target = False  # True: load work_dir/target instead of training it again
+seed = 1337
+threads = 2  # torch threads; the dev machine is 2 shared cores
+# corpus
+heldout_every = 10  # every 10th stdlib module (sorted by name) is held out
+heldout_chars = 96_000  # how much held-out text is shipped (whole modules until this size)
+# tokenizer: Gemma 4's layout (control tokens 0..106, "\n" 107, 256 byte pieces, learned pieces after)
+vocab_size = 2048
+# target: a 31B-style dense text model at toy size; hidden and intermediate multiples of 256 so the k-quants
+# (Q4_K, Q6_K) apply to every matrix, as they do on the real models
+hidden = 256
+intermediate = 512
+layer_types = [SLIDING, FULL, SLIDING, FULL]  # llama.cpp's KV-reuse rule: ends sliding, full
+heads = 4
+kv_heads = 2
+head_dim = 64  # sliding layers
+global_head_dim = 128  # full layers
+sliding_window = 128
+# drafter (Q-only layers reading the target's last sliding / full layer)
+drafter_hidden = 256
+drafter_intermediate = 512
+drafter_layer_types = [SLIDING, FULL]
+drafter_heads = 4
+num_assistant_tokens = 3  # generation_config.json: transformers' draft length for this drafter
+# target training
+block = 256  # tokens per training window (the first is <bos>)
+batch = 8
+target_steps = 260
+lr = 3e-3
+min_lr = 3e-4
+warmup = 20
+weight_decay = 0.1
+grad_clip = 1.0
+# drafter training
+drafter_steps = 150
+drafter_batch = 8
+drafter_lr = 3e-3
+depth = 3  # draft steps trained per position (MTP depth; later steps reuse the same weights)
+# logging
+log_every = 20
+eval_windows = 16  # held-out windows for the loss printed every log_every steps
+sample_tokens = 48  # greedy tokens per held-out prompt printed at the end of target training
+# -----------------------------------------------------------------------------------------------------------
+for arg in sys.argv[1:]:  # key=value overrides
+    key, sep, value = arg.partition("=")
+    if not sep or key not in globals() or key.startswith("_"):
+        sys.exit(f"unknown setting {arg!r} (expected key=value with a key from the config block)")
+    try:
+        globals()[key] = literal_eval(value)
+    except (ValueError, SyntaxError):
+        globals()[key] = value
+torch.manual_seed(seed)
+torch.set_num_threads(threads)
+rng = np.random.default_rng(seed)
+out, work = Path(out_dir), Path(work_dir)
+t_start = time.time()
+report: dict = {"python": platform.python_version(), "torch": torch.__version__, "seed": seed}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# corpus: the standard library's top-level modules, every heldout_every-th held out
+stdlib = Path(sysconfig.get_paths()["stdlib"])
+modules = sorted(stdlib.glob("*.py"))
+texts = [p.read_text(encoding="utf-8", errors="replace") for p in modules]
+train_texts = [t for i, t in enumerate(texts) if i % heldout_every]
+held_names = [p.name for i, p in enumerate(modules) if i % heldout_every == 0]
+held_texts = [t for i, t in enumerate(texts) if i % heldout_every == 0]
+shipped, size = [], 0
+for name, text in zip(held_names, held_texts):
+    if size >= heldout_chars:
+        break
+    shipped.append(name)
+    size += len(text)
+heldout_text = "".join(held_texts[: len(shipped)])[:heldout_chars]
+report["corpus"] = {"source": str(stdlib), "modules": len(modules), "train_modules": len(train_texts),
+                    "train_chars": sum(map(len, train_texts)), "heldout_modules": held_names,
+                    "heldout_shipped": shipped, "heldout_chars": len(heldout_text)}
+log(f"corpus: {len(train_texts)} modules ({sum(map(len, train_texts)):,} chars) for training, "
+    f"{len(held_texts)} held out ({len(heldout_text):,} chars shipped from {', '.join(shipped)})")
+
+# -----------------------------------------------------------------------------------------------------------
+# tokenizer (BPE with byte fallback, Gemma 4's control tokens) and the token stream
+from tokenizers import Tokenizer  # noqa: E402
+
+lines = [line for t in train_texts for line in t.split("\n") if line]
+tok_json = tokenizer.bpe_tokenizer_json(lines, vocab_size, whitespace_runs=True)
+tok = Tokenizer.from_str(tok_json)
+BOS, EOS = 2, 1
+
+
+def encode(text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+train_ids = np.concatenate([np.array(encode(t) + [EOS], dtype=np.int64) for t in train_texts])
+held_ids = np.array(encode("".join(held_texts)), dtype=np.int64)
+report["tokens"] = {"train": int(train_ids.size), "heldout": int(held_ids.size),
+                    "chars_per_token": round(report["corpus"]["train_chars"] / train_ids.size, 3)}
+log(f"tokenizer: {vocab_size} pieces; {train_ids.size:,} training tokens "
+    f"({report['tokens']['chars_per_token']} chars/token), {held_ids.size:,} held-out tokens")
+
+
+def windows(ids: np.ndarray, n: int, starts: np.ndarray | None = None) -> torch.Tensor:
+    """n windows of ``block`` tokens: <bos> then block-1 tokens from a random (or given) offset."""
+    if starts is None:
+        starts = rng.integers(0, ids.size - block, size=n)
+    rows = [np.concatenate([[BOS], ids[s:s + block - 1]]) for s in starts]
+    return torch.from_numpy(np.stack(rows))
+
+
+eval_x = windows(held_ids, eval_windows, np.linspace(0, held_ids.size - block, eval_windows).astype(int))
+
+# -----------------------------------------------------------------------------------------------------------
+# the pair's config.json files (gguf_mtp.tiny's tables, so the layout rules are checked the same way)
+target_text = configs.text_fields(
+    vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, hidden_size=hidden,
+    intermediate_size=intermediate, layer_types=list(layer_types), num_attention_heads=heads,
+    num_key_value_heads=kv_heads, head_dim=head_dim, global_head_dim=global_head_dim,
+    sliding_window=sliding_window, max_position_embeddings=131_072)
+drafter_text = configs.drafter_text_fields(
+    target_text, vocab_size=vocab_size, layer_types=list(drafter_layer_types), hidden_size=drafter_hidden,
+    intermediate_size=drafter_intermediate, num_attention_heads=drafter_heads)
+spec = configs.FamilySpec(name="trained-pair", mimics="gemma-4-31B-style dense text target, trained on Python source",
+                          target_text=target_text, drafter_text=drafter_text, dtype="float16",
+                          num_assistant_tokens=num_assistant_tokens)
+configs.check_layout(target_text, "target")
+configs.check_layout(drafter_text, "drafter")
+configs.check_pair(target_text, drafter_text)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up, then cosine down to min_lr (nanoGPT's schedule)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - min_lr)
+
+
+def optimizer(model: torch.nn.Module, peak: float) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=peak, betas=(0.9, 0.95))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# target: train from scratch on next-token prediction
+def target_loss(model: Gemma4ForCausalLM, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x).logits  # softcapped, as the model returns them
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), x[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def heldout_loss(model: Gemma4ForCausalLM) -> float:
+    model.eval()
+    loss = float(target_loss(model, eval_x))
+    model.train()
+    return loss
+
+
+if reuse_target and (work / "target" / "model.safetensors").exists():
+    target = reference.load_model(work / "target")
+    log(f"target: reused {work / 'target'} ({n_params(target):,} parameters)")
+else:
+    target = Gemma4ForCausalLM(Gemma4TextConfig.from_dict(configs.target_config(spec)))
+    log(f"target: {n_params(target):,} parameters, layers {layer_types}, training {target_steps} steps "
+        f"of {batch}x{block} tokens")
+    opt = optimizer(target, lr)
+    target.train()
+    t0 = time.time()
+    for step in range(target_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, target_steps, lr)
+        loss = target_loss(target, windows(train_ids, batch))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(target.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == target_steps - 1:
+            log(f"target step {step:4d}  loss {loss.item():.3f}  held-out {heldout_loss(target):.3f}  "
+                f"{(time.time() - t0) / (step + 1):.2f} s/step")
+    report["target_training"] = {"steps": target_steps, "batch": batch, "block": block,
+                                 "tokens": target_steps * batch * block, "seconds": round(time.time() - t0),
+                                 "final_train_loss": round(loss.item(), 3)}
+    target.eval()
+    target.save_pretrained(work / "target")  # for reuse_target; the shipped files are written below
+target.eval()
+target.requires_grad_(False)
+report["target_heldout_loss"] = round(heldout_loss(target), 3)
+
+# greedy continuations of held-out prompts: the quality check a reader can judge
+prompts = [held_texts[i][: 160].rsplit("\n", 1)[0] + "\n" for i in range(0, len(held_texts), 3)][:4]
+for p in prompts:
+    ids = [BOS, *encode(p)]
+    cont = reference.greedy(target, ids, sample_tokens)
+    log(f"sample: {p[-60:]!r} -> {tok.decode(cont)!r}")
+
+# -----------------------------------------------------------------------------------------------------------
+# drafter: frozen target, several draft steps deep at one position
+
+
+def strict_causal_masks(n_query: int, n_key: int, window: int) -> dict[str, torch.Tensor]:
+    """Query q (the token at position q+1) attends target keys 0..q; sliding layers only the last window-1."""
+    q = torch.arange(n_query)[:, None]
+    k = torch.arange(n_key)[None, :]
+    full = k <= q
+    sliding = full & (k >= q + 2 - window)
+    return {FULL: full[None, None], SLIDING: sliding[None, None]}
+
+
+def draft_step(drafter, embed, tokens: torch.Tensor, h: torch.Tensor, kv, positions: torch.Tensor,
+               masks) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MTP step for every query at once: (logits, post_projection hidden for the next step)."""
+    x = drafter.pre_projection(torch.cat([embed(tokens), h], dim=-1))
+    last = drafter.model(inputs_embeds=x, attention_mask=masks, position_ids=positions, shared_kv_states=kv,
+                         use_cache=False).last_hidden_state
+    return drafter.lm_head(last), drafter.post_projection(last)
+
+
+@torch.no_grad()
+def target_states(x: torch.Tensor):
+    """The frozen target over x: post-norm hidden states, softcapped logits, the K/V the drafter reads."""
+    o = target.model(input_ids=x, use_cache=True, return_shared_kv_states=True)
+    logits = target.lm_head(o.last_hidden_state)
+    cap = target.config.final_logit_softcapping
+    return o.last_hidden_state, torch.tanh(logits / cap) * cap, dict(o.shared_kv_states)
+
+
+drafter = Gemma4AssistantForCausalLM(Gemma4AssistantConfig.from_dict(configs.drafter_config(spec)))
+with torch.no_grad():  # warm start: the target's token embeddings (the drafter's tied head) and final norm
+    if drafter_hidden == hidden:
+        drafter.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        drafter.model.norm.weight.copy_(target.model.norm.weight)
+embed = target.get_input_embeddings()  # scaled by sqrt(hidden), as llama.cpp's drafter input
+n_query = block - depth
+masks = strict_causal_masks(n_query, block, sliding_window)
+positions = torch.arange(1, n_query + 1)[None]
+
+# check the batched step against transformers' own one-query drafter step (tests/reference.py) before training
+with torch.no_grad():
+    x = windows(held_ids, 1)
+    h, _, kv = target_states(x)
+    logits, _ = draft_step(drafter, embed, x[:, 1:n_query + 1], h[:, :n_query], kv, positions, masks)
+    q = n_query // 2 if n_query // 2 < sliding_window - 1 else sliding_window - 2
+    one = reference.drafter_step(drafter, target, int(x[0, q + 1]), h[0, q], {k: (v[0][:, :, :q + 1], v[1][:, :, :q + 1])
+                                 for k, v in kv.items()}, q + 1)
+    gap = float((logits[0, q] - torch.from_numpy(one.logits)).abs().max())
+    assert gap < 1e-3, f"batched drafter step differs from the reference step by {gap}"
+
+log(f"drafter: {n_params(drafter):,} parameters, layers {drafter_layer_types}, {drafter_steps} steps, depth {depth}")
+opt = optimizer(drafter, drafter_lr)
+drafter.train()
+t0 = time.time()
+match_sum = np.zeros(depth)
+for step in range(drafter_steps):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, drafter_steps, drafter_lr)
+    x = windows(train_ids, drafter_batch)
+    h_target, t_logits, kv = target_states(x)
+    h = h_target[:, :n_query]
+    loss = torch.zeros(())
+    for j in range(1, depth + 1):  # step j: token at t+j, predicts the target at t+j
+        logits, h = draft_step(drafter, embed, x[:, j:j + n_query], h, kv, positions, masks)
+        p = F.softmax(t_logits[:, j:j + n_query].float(), dim=-1)
+        loss = loss + -(p * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean() / depth
+        match_sum[j - 1] += float((logits.argmax(-1) == t_logits[:, j:j + n_query].argmax(-1)).float().mean())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(drafter.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if step % log_every == 0 or step == drafter_steps - 1:
+        n = log_every if step else 1
+        log(f"drafter step {step:4d}  loss {loss.item():.3f}  argmax match by depth "
+            f"{' '.join(f'{m / n:.2f}' for m in match_sum)}  {(time.time() - t0) / (step + 1):.2f} s/step")
+        match_sum[:] = 0
+report["drafter_training"] = {"steps": drafter_steps, "batch": drafter_batch, "depth": depth,
+                              "seconds": round(time.time() - t0), "final_loss": round(loss.item(), 3)}
+drafter.eval()
+
+# -----------------------------------------------------------------------------------------------------------
+# export: the Hugging Face layout gguf-mtp converts (f16 safetensors, tiny's config / tokenizer files)
+
+
+def write_role(model: torch.nn.Module, role: str, names: list[str]) -> int:
+    from safetensors.torch import save_file
+
+    d = out / role
+    d.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    missing = [n for n in names if n not in state]
+    assert not missing, f"{role}: the model has no {missing[:3]}"
+    tensors = {n: state[n].detach().to(torch.float16 if state[n].is_floating_point() else state[n].dtype).contiguous()
+               for n in sorted(names)}
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    make_config = configs.target_config if role == "target" else configs.drafter_config
+    (d / "config.json").write_text(json.dumps(make_config(spec), indent=2) + "\n")
+    (d / "generation_config.json").write_text(json.dumps(configs.generation_config(spec, role), indent=2) + "\n")
+    (d / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps(tokenizer.tokenizer_config("json"), indent=2) + "\n")
+    (d / "chat_template.jinja").write_text(tokenizer.CHAT_TEMPLATE, encoding="utf-8")
+    return sum(f.stat().st_size for f in d.iterdir())
+
+
+sizes = {"target": write_role(target, "target", [s.name for s in weights.target_specs(spec)]),
+         "drafter": write_role(drafter, "drafter", [s.name for s in weights.drafter_specs(spec)])}
+(out / "heldout.txt").write_text(heldout_text, encoding="utf-8")
+report["bytes"] = sizes
+report["parameters"] = {"target": n_params(target), "drafter": n_params(drafter)}
+report["seconds"] = round(time.time() - t_start)
+(out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+log(f"wrote {out}: target {sizes['target']:,} bytes, drafter {sizes['drafter']:,} bytes, "
+    f"heldout.txt {len(heldout_text):,} chars; {report['seconds']} s in all")
