@@ -173,12 +173,45 @@ def test_vision_layer_scalars_are_kept_when_present(export_src, tmp_path):
         assert float(np.asarray(t.data)[0]) == 0.5 + i
 
 
+PROCESSOR = {  # name: (processor_config.json's image_processor, or None for no file) -> (mean, std)
+    "not normalized": ({"do_normalize": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, [0.0] * 3, [1.0] * 3),
+    "normalized": ({"do_normalize": True, "image_mean": [0.5, 0.4, 0.3], "image_std": 0.5}, [0.5, 0.4, 0.3],
+                   [0.5] * 3),
+    "no processor config": (None, [0.0] * 3, [1.0] * 3),
+}
+
+
+@pytest.mark.parametrize("case", list(PROCESSOR))
+def test_image_mean_std_are_what_transformers_applies(case, export_src, tmp_path):
+    from gguf_mtp.export.projector import describe_projector
+
+    processor, mean, std = PROCESSOR[case]
+    src = copy_checkpoint(source(export_src), tmp_path / "target")
+    if processor is None:
+        (src / "processor_config.json").unlink()
+    else:
+        edit_json(src / "processor_config.json", lambda c: c["image_processor"].update(processor))
+    meta = describe_projector(src).metadata.plain()
+    assert (meta["clip.vision.image_mean"], meta["clip.vision.image_std"]) == (mean, std)
+
+
+def test_geometry_keys_only_off_clip_cpp_defaults(export_src, tmp_path):
+    from gguf_mtp.export.projector import describe_projector
+
+    src = copy_checkpoint(source(export_src), tmp_path / "target")
+    edit_json(src / "config.json", lambda c: c["vision_config"].update(num_key_value_heads=1, head_dim=8,
+                                                                       pooling_kernel_size=2))
+    meta = describe_projector(src).metadata.plain()
+    assert meta["clip.vision.attention.head_count_kv"] == 1 and meta["clip.vision.attention.head_dim"] == 8
+    assert meta["clip.vision.projector.scale_factor"] == 2
+
+
 def _vision(edit):
     return lambda c: edit(c["vision_config"])
 
 
 BAD = {
-    # name: (family, role, edit config, edit weights, extra args, expected message)
+    # name: (family, role, edit config.json (or (other JSON file, edit)), edit weights, extra args, message)
     "text-only checkpoint": ("tiny-dense", "target", None, None, [], "text-only Gemma 4 checkpoint .* no vision tower"),
     "drafter": ("tiny-e", "drafter", None, None, [], "this is an MTP drafter, with no vision tower"),
     "no vision tower": ("tiny-moe", "target", None, None, [], r"no vision tower \(vision_config is null\)"),
@@ -201,6 +234,9 @@ BAD = {
                        lambda t, d: t.pop("model.vision_tower.encoder.layers.1.mlp.up_proj.output_max"), [],
                        "up_proj.output_max is missing"),
     "centroids": ("tiny-e", "target", None, None, ["--centroids"], "--centroids belongs to drafters"),
+    "pixel scale": ("tiny-e", "target", ("processor_config.json",
+                                         lambda c: c["image_processor"].update(rescale_factor=1 / 127.5)),
+                    None, [], "expected do_rescale with rescale_factor 1/255"),
 }
 
 
@@ -209,7 +245,8 @@ def test_bad_input_is_one_error_line_and_no_file(case, export_src, tmp_path):
     family, role, cfg_edit, weight_edit, extra, message = BAD[case]
     src = copy_checkpoint(export_src / family / role, tmp_path / "src")
     if cfg_edit is not None:
-        edit_json(src / "config.json", cfg_edit)
+        file, edit = cfg_edit if isinstance(cfg_edit, tuple) else ("config.json", cfg_edit)
+        edit_json(src / file, edit)
     if weight_edit is not None:
         rewrite_weights(src, weight_edit)
     out = tmp_path / "out.gguf"

@@ -60,6 +60,11 @@ ASSISTANT_DEFAULTS: dict[str, Any] = {
 PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")
 ACTIVATIONS = ("gelu_pytorch_tanh",)  # what llama.cpp's gemma4 graph computes
 ROPE_TYPES = ("default", "proportional")
+# upper bounds, checked before anything is sized from them: GGUF stores these as u32 (llama.cpp reads most as
+# int32); llama.cpp allows at most LLAMA_MAX_LAYERS = 512 layers; head dims size per-layer tables (rope_freqs)
+INT_MAX = 2**31 - 1
+MAXIMA = {"num_hidden_layers": 512, "head_dim": 1 << 16, "global_head_dim": 1 << 16}
+F32_MAX = 3.4028234663852886e38  # floats are written as f32
 
 
 @dataclass(frozen=True)
@@ -171,8 +176,9 @@ class _Cfg:
 
     def int(self, key: str, minimum: int = 0) -> int:
         v = self.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-            raise self.fail(f"{key}: expected an integer >= {minimum}, got {v!r}")
+        maximum = MAXIMA.get(key, INT_MAX)
+        if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= maximum:
+            raise self.fail(f"{key}: expected an integer from {minimum} to {maximum}, got {_short(v)}")
         return v
 
     def float(self, key: str) -> float:
@@ -185,9 +191,15 @@ class _Cfg:
         return v
 
 
+def _short(v: Any) -> str:
+    """A value for an error line: hostile configs hold huge ones."""
+    text = repr(v) if not isinstance(v, int) or abs(v) < 10**30 else f"an integer of {v.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _number(v: Any, key: str, where: str) -> float:
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        raise GgufMtpError(f"{where}: {key}: expected a number, got {v!r}")
+    if not isinstance(v, int | float) or isinstance(v, bool) or not abs(v) <= F32_MAX:  # NaN fails too
+        raise GgufMtpError(f"{where}: {key}: expected a finite number, got {_short(v)}")
     return float(v)
 
 
@@ -196,7 +208,7 @@ def _layer_types(c: _Cfg, n_layer: int) -> list[str]:
     if types is None:  # transformers' default: 5 sliding, 1 full
         types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layer)]
     if not isinstance(types, list) or len(types) != n_layer or any(t not in (SLIDING, FULL) for t in types):
-        raise c.fail(f"layer_types: expected {n_layer} entries of {SLIDING!r} / {FULL!r}, got {types!r}")
+        raise c.fail(f"layer_types: expected {n_layer} entries of {SLIDING!r} / {FULL!r}, got {_short(types)}")
     types = list(types)
     types[-1] = FULL  # transformers forces the last layer to full attention (with a warning)
     return types
@@ -215,9 +227,9 @@ def _per_layer(c: _Cfg, types: list[str]) -> dict[str, dict[str, int]]:
         raise c.fail(f"per_layer_config: expected an object, got {type(plc).__name__}")
     seen: dict[str, dict] = {}
     for i, t in enumerate(types):
-        ov = next((v for k, v in plc.items() if str(k).isdigit() and int(k) == i), {})
+        ov = next((v for k, v in plc.items() if str(k).isdecimal() and int(k) == i), {})
         if not isinstance(ov, dict):
-            raise c.fail(f"per_layer_config[{i}]: expected an object, got {ov!r}")
+            raise c.fail(f"per_layer_config[{i}]: expected an object, got {_short(ov)}")
         bad = sorted(set(ov) - set(PER_LAYER_KEYS))
         if bad:
             raise c.fail(f"per_layer_config[{i}]: cannot export a per-layer {', '.join(bad)} "
@@ -228,8 +240,10 @@ def _per_layer(c: _Cfg, types: list[str]) -> dict[str, dict[str, int]]:
         seen[t] = ov
     for t, ov in seen.items():
         for key, value in ov.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise c.fail(f"per_layer_config: {key} of {t} layers: expected a positive integer, got {value!r}")
+            maximum = MAXIMA.get(key, INT_MAX)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+                raise c.fail(f"per_layer_config: {key} of {t} layers: expected an integer from 1 to {maximum}, "
+                             f"got {_short(value)}")
         out[t] = dict(ov)
     return out
 
@@ -237,8 +251,8 @@ def _per_layer(c: _Cfg, types: list[str]) -> dict[str, dict[str, int]]:
 def _rope(c: _Cfg) -> dict[str, dict[str, float]]:
     """theta and partial_rotary_factor per layer type, with transformers' defaults."""
     rope = c.get("rope_parameters") or DEFAULT_ROPE
-    if not isinstance(rope, dict) or SLIDING not in rope or FULL not in rope:
-        raise c.fail(f"rope_parameters: expected entries for {SLIDING} and {FULL}, got {rope!r}")
+    if not isinstance(rope, dict) or not all(isinstance(rope.get(t), dict) for t in (SLIDING, FULL)):
+        raise c.fail(f"rope_parameters: expected objects for {SLIDING} and {FULL}, got {_short(rope)}")
     out = {}
     for t in (SLIDING, FULL):
         kind = rope[t].get("rope_type", "default")
@@ -273,6 +287,9 @@ def text_hparams(raw: dict[str, Any], where: str, *, tied: bool | None = None, a
     rope = _rope(c)
     hd_full = over[FULL].get("head_dim", head_dim)
     rot_full = rope[FULL]["rot"]
+    if not 0 < rope[SLIDING]["rot"] <= 1:
+        raise c.fail(f"rope_parameters.{SLIDING}.partial_rotary_factor: expected a number in (0, 1], "
+                     f"got {rope[SLIDING]['rot']}")
     if not 0 < rot_full <= 1 or (hd_full * rot_full / 2) != int(hd_full * rot_full / 2):
         raise c.fail(f"rope_parameters.{FULL}.partial_rotary_factor {rot_full} must rotate a whole number of "
                      f"pairs of the {hd_full}-wide head")

@@ -189,7 +189,8 @@ def _image_config(path: Path) -> dict[str, Any]:
         if not isinstance(cfg, dict):
             raise GgufMtpError(f"{f}: expected a JSON object")
         sub = cfg.get("image_processor")
-        merged.update({k: v for k, v in {**cfg, **(sub if isinstance(sub, dict) else {})}.items() if k in IMAGE_DEFAULTS})
+        flat = {**cfg, **(sub if isinstance(sub, dict) else {})}  # processor_config nests the image processor
+        merged.update({k: v for k, v in flat.items() if k in IMAGE_DEFAULTS})
     return merged
 
 

@@ -3,7 +3,10 @@
 Why not the ``safetensors`` package: it hands out whole tensors (a 262144 x 5376 embedding is 2.8 GB of bf16,
 5.6 GB as f32), needs torch for bf16, and its errors on a truncated download are not ones a user can act on.
 Here every header is checked before any work starts (header length, JSON, dtype, shape vs byte size, offsets
-inside the file), and data is read through ``np.memmap`` a few rows at a time.
+inside the file), and data is read with ``pread`` a few rows at a time (never through a memory map, which would
+crash the process with SIGBUS if the file were truncated under it). A file that changes while we read it (a
+download still running, an edit) is refused: each file's identity, size and mtime are taken when its header is
+read and compared again after every tensor.
 
 Format: 8-byte little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets: [b, e]}}``
 (plus an optional ``__metadata__``), then the data; offsets are relative to the end of the header.
@@ -25,6 +28,7 @@ from ..errors import GgufMtpError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+MAX_DIMS = 8  # real tensors have <= 5; a longer shape is a corrupt header (and its product is costly)
 CHUNK_BYTES = 16 << 20  # rows are read and converted this many (f32) bytes at a time: peak memory is a few blocks
 
 # safetensors dtype -> (bytes per element, numpy dtype of the stored bits); BF16 is stored as uint16 bits
@@ -61,9 +65,19 @@ class TensorEntry:
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
     """Parse and check one safetensors file's header; no tensor data is read."""
+    return _read_header(path)[0]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorEntry], tuple[int, int, int, int]]:
+    """The header's entries and the file's identity (device, inode, size, mtime) when it was read."""
     try:
-        size = path.stat().st_size
         with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise GgufMtpError(f"{path}: truncated safetensors file ({size} bytes, no header)")
@@ -76,7 +90,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise GgufMtpError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: also ints of > 4300 digits
         raise GgufMtpError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise GgufMtpError(f"{path}: corrupt safetensors header (expected a JSON object)")
@@ -87,7 +101,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         entries[name] = _entry(path, name, info, data_start, data_size)
-    return entries
+    return entries, _identity(st)
 
 
 def _entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
@@ -95,16 +109,17 @@ def _entry(path: Path, name: str, info: object, data_start: int, data_size: int)
     if not isinstance(info, dict):
         raise GgufMtpError(f"{where}: corrupt header entry")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
-        raise GgufMtpError(f"{where}: unsupported dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise GgufMtpError(f"{where}: bad shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise GgufMtpError(f"{where}: unsupported dtype {str(dtype)[:40]!r} (expected one of {', '.join(DTYPES)})")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape)):
+        raise GgufMtpError(f"{where}: bad shape {str(shape)[:80]} (at most {MAX_DIMS} dimensions, each 0..2^63-1)")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise GgufMtpError(f"{where}: bad data_offsets {offsets!r}")
+        raise GgufMtpError(f"{where}: bad data_offsets {str(offsets)[:80]}")
     begin, end = offsets
     if not 0 <= begin <= end:
-        raise GgufMtpError(f"{where}: bad data_offsets {offsets!r}")
+        raise GgufMtpError(f"{where}: bad data_offsets {str(offsets)[:80]}")
     if end > data_size:
         raise GgufMtpError(f"{where}: data offsets [{begin}, {end}] point past the end of the file "
                            f"({data_size} data bytes); the file is truncated")
@@ -141,13 +156,14 @@ class SafetensorsReader:
 
     def __init__(self, files: list[Path]):
         self.entries: dict[str, TensorEntry] = {}
+        self._identity: dict[Path, tuple[int, int, int, int]] = {}
         for path in files:
-            for name, entry in read_header(path).items():
+            entries, self._identity[path] = _read_header(path)
+            for name, entry in entries.items():
                 if name in self.entries:
                     raise GgufMtpError(f"tensor {name!r} appears in both {self.entries[name].file.name} "
                                        f"and {path.name}")
                 self.entries[name] = entry
-        self._maps: dict[Path, np.memmap] = {}
         self._fds: dict[Path, int] = {}
 
     @classmethod
@@ -167,13 +183,11 @@ class SafetensorsReader:
             raise GgufMtpError(f"tensor {name!r} is missing from the checkpoint") from None
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored bits as a read-only memmap view in the tensor's shape (BF16 as uint16)."""
+        """The stored bits, whole, in the tensor's shape (BF16 as uint16); for small tensors (token orderings)."""
         e = self.entry(name)
-        mm = self._maps.get(e.file)
-        if mm is None:
-            mm = self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-        flat = mm[e.offset:e.offset + e.nbytes].view(DTYPES[e.dtype][1])
-        return flat.reshape(e.shape)
+        data = self._pread(name, e.file, e.offset, e.nbytes)
+        self._check_unchanged(e.file)
+        return np.frombuffer(data, DTYPES[e.dtype][1]).reshape(e.shape)
 
     def raw_rows(self, name: str, n_rows: int | None = None, row_bytes: int = 4) -> Iterator[np.ndarray]:
         """The stored bits as 2-D blocks of whole rows (last dim = row), ~CHUNK_BYTES at ``row_bytes`` per value.
@@ -189,18 +203,22 @@ class SafetensorsReader:
             total = min(total, n_rows)
         width, dtype = DTYPES[e.dtype]
         step = max(1, CHUNK_BYTES // max(1, row * row_bytes))
-        fd = self._fd(e.file)
         for start in range(0, total, step):
             count = min(step, total - start)
-            want = count * row * width
-            buf = bytearray(want)
-            view, got = memoryview(buf), 0
-            while got < want:
-                n = os.preadv(fd, [view[got:]], e.offset + start * row * width + got)
-                if n <= 0:
-                    raise GgufMtpError(f"{e.file}: truncated while reading tensor {name!r}")
-                got += n
+            buf = self._pread(name, e.file, e.offset + start * row * width, count * row * width)
             yield np.frombuffer(buf, dtype=dtype).reshape(count, row)
+        self._check_unchanged(e.file)
+
+    def _pread(self, name: str, path: Path, offset: int, want: int) -> bytearray:
+        fd = self._fd(path)
+        buf = bytearray(want)
+        view, got = memoryview(buf), 0
+        while got < want:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise GgufMtpError(f"{path}: truncated while reading tensor {name!r}")
+            got += n
+        return buf
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -209,7 +227,13 @@ class SafetensorsReader:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             except OSError as e:
                 raise GgufMtpError(f"{path}: cannot read ({e.strerror})") from None
+            self._check_unchanged(path)  # the same file whose header we read (not one swapped in since)
         return fd
+
+    def _check_unchanged(self, path: Path) -> None:
+        if _identity(os.fstat(self._fd(path))) != self._identity[path]:
+            raise GgufMtpError(f"{path}: the file changed while it was being read (size, mtime or inode differ "
+                               "from when its header was read); finish the download or edit, then run again")
 
     def rows(self, name: str, n_rows: int | None = None) -> Iterator[np.ndarray]:
         """The tensor as float32 2-D blocks of whole rows (see raw_rows)."""
@@ -220,7 +244,6 @@ class SafetensorsReader:
             yield to_f32(block, e.dtype)
 
     def close(self) -> None:
-        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -119,7 +119,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise GgufMtpError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints of > 4300 digits
         raise GgufMtpError(f"{cfg}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise GgufMtpError(f"{cfg}: expected a JSON object")
@@ -129,11 +129,13 @@ def read_config(path: Path) -> dict[str, Any]:
 def detect(config: dict[str, Any], where: Path) -> tuple[str, Kind]:
     """The HF architecture name and our Kind for a config (architectures first, then model_type)."""
     archs = config.get("architectures") or []
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     arch = next((a for a in archs if a in KINDS), None)
-    if arch is None and config.get("model_type") in MODEL_TYPES:
-        arch = MODEL_TYPES[config["model_type"]]
+    model_type = config.get("model_type")
+    if arch is None and isinstance(model_type, str) and model_type in MODEL_TYPES:
+        arch = MODEL_TYPES[model_type]
     if arch is None:
-        got = ", ".join(archs) if archs else f"model_type {config.get('model_type')!r}"
+        got = ", ".join(archs) if archs else f"model_type {str(model_type)[:40]!r}"
         raise GgufMtpError(f"{where / 'config.json'}: unknown architecture {got} "
                            f"(expected one of {', '.join(KINDS)})")
     return arch, KINDS[arch]

@@ -29,6 +29,8 @@ SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "mask")  # the ids GGUF has 
 GEMMA_DEFAULTS = {"unk": "<unk>", "bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "mask": "<mask>"}
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 UPSTREAM_SCORE = -1000.0  # tokenizer.json has no scores; upstream writes this placeholder
+MAX_TOKEN_ID = (1 << 24) - 1  # ids are checked against this before any per-id work (Gemma 4 has 262144 tokens)
+MAX_PIECE_CHARS = 4096  # deriving sentencepiece merges costs len(piece)^2; real pieces are < 100 characters
 
 
 @dataclass
@@ -52,11 +54,19 @@ class Vocab:
         return keys.vocab_sha256(self.tokens)
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a tokenizer file (anything else, or JSON nested too deep to parse, is refused)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints of > 4300 digits
         raise GgufMtpError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GgufMtpError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_ID
 
 
 def _content(entry: Any) -> str | None:
@@ -77,7 +87,7 @@ def special_tokens(tok_config: dict[str, Any]) -> set[str]:
         if key.endswith("_token") and (text := _content(value)):
             out.add(text)
     extra = tok_config.get("extra_special_tokens") or tok_config.get("additional_special_tokens") or []
-    values = extra.values() if isinstance(extra, dict) else extra
+    values = extra.values() if isinstance(extra, dict) else extra if isinstance(extra, list) else []
     out |= {t for t in (_content(v) for v in values) if t}
     return out
 
@@ -87,7 +97,11 @@ def _chat_template(directory: Path, tok_config: dict[str, Any]) -> str | None:
     if isinstance(tmpl, str):
         return tmpl
     if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise GgufMtpError(f"{directory / 'chat_template.jinja'}: not UTF-8 text ({e.reason} at byte "
+                               f"{e.start})") from None
     if (directory / "chat_template.json").is_file():
         tmpl = _read_json(directory / "chat_template.json").get("chat_template")
         return tmpl if isinstance(tmpl, str) else None
@@ -114,13 +128,16 @@ def _special_ids(tok_config: dict, added: dict[str, int], config: dict, n_vocab:
 def _add_eos(tok_json: dict, tok_config: dict, eos: str | None) -> bool | None:
     if isinstance(tok_config.get("add_eos_token"), bool):
         return tok_config["add_eos_token"]
-    post = tok_json.get("post_processor") or {}
-    for proc in post.get("processors", [post]):
-        if proc.get("type") != "TemplateProcessing":
+    post = tok_json.get("post_processor")
+    procs = post.get("processors", [post]) if isinstance(post, dict) else []
+    for proc in procs if isinstance(procs, list) else []:
+        if not isinstance(proc, dict) or proc.get("type") != "TemplateProcessing":
             continue
-        single = proc.get("single") or []
-        if len(single) > 1 and (last := single[-1].get("SpecialToken", {}).get("id")):
-            return last == eos
+        single = proc.get("single")
+        if isinstance(single, list) and len(single) > 1 and isinstance(single[-1], dict):
+            special = single[-1].get("SpecialToken")
+            if isinstance(special, dict) and (last := special.get("id")):
+                return last == eos
     return None
 
 
@@ -138,7 +155,8 @@ def _merges(raw: Any, path: Path) -> list[str]:
 def from_tokenizer_json(directory: Path, config: dict[str, Any]) -> Vocab:
     path = directory / "tokenizer.json"
     tok = _read_json(path)
-    model = tok.get("model") or {}
+    model = tok.get("model")
+    model = model if isinstance(model, dict) else {}
     if model.get("type") != "BPE" or not model.get("byte_fallback"):
         raise GgufMtpError(f"{path}: expected a BPE model with byte_fallback (got {model.get('type')!r}, "
                            f"byte_fallback={model.get('byte_fallback')!r}); llama.cpp's gemma4 tokenizer is that")
@@ -147,18 +165,26 @@ def from_tokenizer_json(directory: Path, config: dict[str, Any]) -> Vocab:
         raise GgufMtpError(f"{path}: model.vocab is missing")
     tok_config_path = directory / "tokenizer_config.json"
     tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
+    bad = next(((t, i) for t, i in vocab.items() if not _is_id(i)), None)
+    if bad is not None:
+        raise GgufMtpError(f"{path}: model.vocab[{bad[0]!r}]: expected a token id 0..{MAX_TOKEN_ID}, got {bad[1]!r}")
     n_base = len(vocab)
     by_id: dict[int, str] = {i: t for t, i in vocab.items()}
-    added_list = [a for a in tok.get("added_tokens", [])
-                  if isinstance(a.get("content"), str) and isinstance(a.get("id"), int)]
+    if len(by_id) != n_base:
+        raise GgufMtpError(f"{path}: model.vocab gives two tokens the same id")
+    added_raw = tok.get("added_tokens", [])
+    if not isinstance(added_raw, list):
+        raise GgufMtpError(f"{path}: added_tokens: expected a list, got {type(added_raw).__name__}")
+    added_list = [a for a in added_raw
+                  if isinstance(a, dict) and isinstance(a.get("content"), str) and _is_id(a.get("id"))]
     added = {a["content"]: a["id"] for a in added_list}
     for text, i in sorted(added.items(), key=lambda kv: kv[1]):
         if i >= n_base:
             by_id[i] = text
-    n = max(by_id) + 1 if by_id else 0
-    holes = [i for i in range(n) if i not in by_id]
-    if holes or len(by_id) != n:
-        raise GgufMtpError(f"{path}: token ids are not contiguous (no token has id {holes[0] if holes else '?'})")
+    n = len(by_id)  # distinct ids >= 0: contiguous exactly when the largest is n - 1
+    if n and max(by_id) != n - 1:
+        hole = next(i for i in range(n) if i not in by_id)
+        raise GgufMtpError(f"{path}: token ids are not contiguous (no token has id {hole})")
     # CONTROL: the tokenizer's special tokens (transformers' list) and added tokens flagged special;
     # USER_DEFINED: other added tokens. Both are matched whole by llama.cpp, as HF matches added tokens.
     special_text = special_tokens(tok_config)
@@ -273,10 +299,13 @@ def read_sentencepiece(path: Path) -> tuple[str, list[tuple[str, float, int]]]:
                 pieces.append((piece, score, ptype))
             elif no == 2 and isinstance(value, bytes):
                 model_type = next((v for f, v in _proto_fields(value) if f == 3 and isinstance(v, int)), 1)
-    except (ValueError, IndexError, UnicodeDecodeError):
+    except (ValueError, IndexError, UnicodeDecodeError, struct.error):
         raise GgufMtpError(f"{path}: not a sentencepiece model") from None
     if not pieces or any(t not in SP_TYPES for _, _, t in pieces):
         raise GgufMtpError(f"{path}: not a sentencepiece model")
+    long = next((p for p, _, _ in pieces if len(p) > MAX_PIECE_CHARS), None)
+    if long is not None:
+        raise GgufMtpError(f"{path}: a piece of {len(long)} characters (at most {MAX_PIECE_CHARS} expected)")
     return SP_MODEL_TYPES.get(model_type, str(model_type)), pieces
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter, quants, size_label as _size_label
 
 from ..errors import GgufMtpError
-from ..fsutil import atomic_output
+from ..fsutil import atomic_output, check_free_space, check_output_path
 from .metadata import Metadata
 from .safetensors import SafetensorsReader, to_f32
 
@@ -118,6 +118,7 @@ def write_gguf(path: str | Path, metadata: Metadata, tensors: list[TensorPlan], 
     """Write a GGUF atomically; returns its size in bytes. ``metadata`` must start with general.architecture."""
     arch = metadata["general.architecture"].value
     bytes_total = sum(t.nbytes for t in tensors)
+    check_free_space(check_output_path(path, force), bytes_total)  # a full disk is found now, not after an hour
     with atomic_output(path, force) as tmp:
         w = GGUFWriter(None, arch)  # adds general.architecture itself
         try:

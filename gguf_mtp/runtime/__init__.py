@@ -2,7 +2,8 @@
 
 Modules: ``bindings`` (ctypes glue llama-cpp-python lacks), ``engine`` (load, contexts, KV bookkeeping),
 ``drafters`` (MTP and oracle drafters), ``sampling`` (samplers, exact and rejection acceptance), ``adaptive``
-(draft length per round), ``loop`` (the speculative loop), ``stats``, ``chat_template``.
+(draft length per round), ``loop`` (the speculative loop), ``stats``, ``chat_template``, ``chat`` (multi-turn
+sessions), ``multimodal`` (images through the vision projector, libmtmd).
 Importing this package does not load llama.cpp; the modules that need it do.
 """
 
