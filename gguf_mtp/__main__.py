@@ -1,4 +1,4 @@
-"""``python -m gguf_mtp``: the same command line as the ``gguf-mtp`` entry point (handy in subprocess tests)."""
+"""``python -m gguf_mtp`` runs the CLI."""
 
 from .cli import main
 

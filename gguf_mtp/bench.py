@@ -15,7 +15,7 @@ run it. Modes:
 
 from __future__ import annotations
 
-import codecs
+import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +28,8 @@ from .settings import RuntimeSettings
 DEFAULT_KS = (1, 2, 3, 4)
 ADAPTIVE_CAP = 8  # draft lengths the adaptive chooser may pick (RuntimeSettings.draft_cap's default)
 TRAINED_PAIR = Path(__file__).with_name("data") / "trained-pair"
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+_ESCAPE = re.compile(r"\\([nt\\])")
 Run = Callable[[list[int], list[int], int], Any]  # (prompt, target-alone output, max tokens) -> Generation
 
 
@@ -39,8 +41,7 @@ def read_prompts(path: str | Path) -> list[str]:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise GgufMtpError(f"{p}: expected UTF-8 text, one prompt per line") from None
-    prompts = [codecs.decode(line, "unicode_escape") if "\\" in line else line
-               for line in raw.splitlines() if line.strip()]
+    prompts = [_ESCAPE.sub(lambda m: _ESCAPES[m.group(1)], line) for line in raw.splitlines() if line.strip()]
     if not prompts:
         raise GgufMtpError(f"{p}: no prompts (expected one prompt per non-empty line)")
     return prompts
@@ -231,6 +232,45 @@ def run_bench(
             result.same_output = sum(a == b for a, b in zip(result.outputs, base.outputs))
     return BenchResult(str(target), str(drafter) if drafter else None, len(prompts), max_tokens, repeats,
                        temperature, accept, settings, [m for m, _ in modes])
+
+
+def teacher_forced_acceptance(engine: Any, tokens: Sequence[int], k: int = 3, start: int = 16,
+                              stride: int = 1) -> Any:
+    """Drafter acceptance on a fixed text: at every ``stride``-th position p >= ``start`` the target has read
+    ``tokens[:p]``, the drafter drafts k tokens after ``tokens[p]``, and the target verifies them in one batch
+    (greedy, as a round of the loop). The text, not the target's own output, decides what comes next, so the
+    number measures the drafter on that text alone. Returns runtime ``Stats`` (per-position counts).
+    """
+    import numpy as np
+
+    from .runtime.drafters import DraftRequest, MTPDrafter
+    from .runtime.sampling import SamplingParams
+    from .runtime.stats import Stats
+
+    if not engine.has_drafter:
+        raise GgufMtpError("teacher-forced acceptance needs an engine with its drafter")
+    if not 0 < start < len(tokens) - 1:
+        raise GgufMtpError(f"expected 0 < start < {len(tokens) - 1}, got {start}")
+    if len(tokens) + k > engine.n_ctx:
+        raise GgufMtpError(f"{len(tokens)} tokens + {k} drafts do not fit the context of {engine.n_ctx}")
+    drafter, stats, rng = MTPDrafter(engine), Stats(), np.random.default_rng(0)
+    engine.truncate(0)
+    rows = engine.decode(tokens[:start])
+    h = engine.hidden(rows - 1).copy()
+    for p in range(start, len(tokens) - 1, stride):
+        y = tokens[p]
+        d = drafter(DraftRequest(tokens[:p + 1], p, h, k, SamplingParams(), False, rng)).tokens
+        engine.decode([y, *d], outputs="all")
+        best = np.argmax(engine.logits(len(d) + 1), axis=1)
+        kept = 0
+        while kept < len(d) and best[kept] == d[kept]:
+            kept += 1
+        stats.record_round(len(d), kept)
+        engine.truncate(p)
+        rows = engine.decode(tokens[p:p + stride])
+        h = engine.hidden(rows - 1).copy()
+    engine.truncate(0)
+    return stats
 
 
 def table_rows(result: BenchResult) -> list[list[str]]:

@@ -35,10 +35,10 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        except OSError as e:  # a file we cannot read or write (disk full, permissions, I/O error): one line too
             if os.environ.get("GGUF_MTP_DEBUG"):
                 raise
-            click.echo(f"error: {e.strerror}: {e.filename}", err=True)
+            click.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -512,6 +512,26 @@ def _log_to_stderr(verbose: bool) -> Any:
         pkg.propagate = old_propagate
 
 
+def _decode_options(f: Any) -> Any:
+    """Sampling and draft-length flags, shared by generate and chat."""
+    options = [
+        click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+                     help="Temperature (0: greedy)."),
+        click.option("--top-k", default=0, type=click.IntRange(min=0), help="Top-k (0: off)."),
+        click.option("--top-p", default=1.0, type=click.FloatRange(0.0, 1.0, min_open=True), help="Top-p (1: off)."),
+        click.option("--min-p", default=0.0, type=click.FloatRange(0.0, 1.0), help="Min-p (0: off)."),
+        click.option("--seed", type=int, help="Sampling seed."),
+        click.option("--accept", type=click.Choice(["exact", "rejection"]), default="exact", show_default=True,
+                     help="Draft acceptance: exact match (llama.cpp) or speculative rejection sampling."),
+        click.option("--draft-max", type=click.IntRange(min=0), help="Always draft K tokens."),
+        click.option("--adaptive", is_flag=True, help="Choose the draft length each round (the default without a plan)."),
+        click.option("--draft-cap", type=click.IntRange(min=1), help="Upper bound for --adaptive."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
 @main.command("generate")
 @click.option("--target", required=True, type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
 @click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
@@ -519,16 +539,7 @@ def _log_to_stderr(verbose: bool) -> Any:
 @click.option("--prompt-tokens", metavar="IDS", help="Prompt as comma-separated token ids (no template).")
 @click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(min=0),
               help="Tokens to generate.")
-@click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="Temperature (0: greedy).")
-@click.option("--top-k", default=0, type=click.IntRange(min=0), help="Top-k (0: off).")
-@click.option("--top-p", default=1.0, type=click.FloatRange(0.0, 1.0, min_open=True), help="Top-p (1: off).")
-@click.option("--min-p", default=0.0, type=click.FloatRange(0.0, 1.0), help="Min-p (0: off).")
-@click.option("--seed", type=int, help="Sampling seed.")
-@click.option("--accept", type=click.Choice(["exact", "rejection"]), default="exact", show_default=True,
-              help="Draft acceptance: exact match (llama.cpp) or speculative rejection sampling.")
-@click.option("--draft-max", type=click.IntRange(min=0), help="Always draft K tokens.")
-@click.option("--adaptive", is_flag=True, help="Choose the draft length each round (the default without a plan).")
-@click.option("--draft-cap", type=click.IntRange(min=1), help="Upper bound for --adaptive.")
+@_decode_options
 @click.option("--no-drafter", is_flag=True, help="Target alone (for comparison).")
 @click.option("--allow-no-drafter", is_flag=True, help="Go on without the drafter if it cannot be loaded.")
 @click.option("--raw", is_flag=True, help="Send the prompt text as is, without the chat template.")
@@ -692,8 +703,8 @@ def _convert_progress(enabled: bool):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
 @click.option("--outtype", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto", show_default=True,
               help="Tensor type (auto: the checkpoint's dtype). Norms and 1-D tensors stay F32.")
-@click.option("--target", metavar="TARGET", help="Drafters and --mmproj: the target (GGUF, directory or cached repo id) "
-              "to pair-check against before writing.")
+@click.option("--target", metavar="TARGET", help="Drafters and --mmproj: the target (GGUF, directory or cached repo "
+              "id) to pair-check against before writing.")
 @click.option("--centroids", is_flag=True, help="Drafters: keep the centroid head (only our patched llama.cpp loads it).")
 @click.option("--mmproj", is_flag=True, help="Write the vision projector (clip, gemma4v) of a multimodal target "
               "instead of its text model.")
@@ -847,3 +858,313 @@ def skeleton_cmd(variant: str, quant: str | None, role: str, output: str, force:
         return
     click.echo(f"wrote {path}: {layout.arch} {role}{' ' + quant if quant else ''}, {len(layout.tensors)} tensors, "
                f"{_size(size)} apparent, {_size(disk)} on disk")
+
+
+# --- chat: a multi-turn REPL over the speculative loop (gguf_mtp/runtime/chat.py, multimodal.py) ---------------
+CHAT_COMMANDS = "/image PATH (attach to your next message), /reset, /stats, /exit"
+
+
+def _chat_status(s: Any, seconds: float) -> str:
+    rate = s.tokens / seconds if seconds > 0 else 0.0
+    drafts = (f"drafts kept {s.accepted}/{s.proposed} ({100 * s.acceptance_rate:.0f}%)" if s.proposed
+              else "no drafts")
+    return f"{s.tokens} tokens, {rate:.1f} tok/s, {drafts}"
+
+
+def _chat_summary(reply: Any) -> str:
+    s = reply.stats
+    image = f", {reply.image_tokens} image tokens encoded" if reply.image_tokens else ""
+    return (f"[{_chat_status(s, s.generate_time)}, {s.mean_accepted_length:.2f} tokens/round; prompt "
+            f"{reply.prompt_tokens} tokens: {s.prefill_tokens} read, {s.reused_tokens} cached{image}; "
+            f"stop: {s.stop_reason}]")
+
+
+class _ChatView:
+    """The reply as it streams. On a terminal: a rich Live region (the reply's last screenful and a live status
+    line), replaced by the whole reply when the turn ends; elsewhere plain text as it comes."""
+
+    def __init__(self, session: Any, hide_thoughts: bool) -> None:
+        from rich.text import Text
+
+        self.session, self.hide = session, hide_thoughts
+        self.live_mode = console.is_terminal
+        self.text = Text()
+        self.t0: float | None = None
+        self.live = None
+        self.thinking = False
+
+    def __enter__(self) -> _ChatView:
+        if self.live_mode:
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=console, transient=True, refresh_per_second=8)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            console.print(self.text, soft_wrap=True)
+        elif self.text:
+            click.echo("")
+
+    def _render(self) -> Any:
+        import time
+
+        from rich.console import Group
+        from rich.text import Text
+
+        width, height = console.size
+        lines, start = 0, len(self.text.plain)
+        for line in reversed(self.text.plain.split("\n")):  # keep the last screenful
+            lines += max(1, -(-len(line) // max(1, width)))
+            if lines > max(1, height - 2):
+                break
+            start -= len(line) + 1
+        seconds = time.perf_counter() - self.t0 if self.t0 else 0.0
+        status = Text(_chat_status(self.session.stats, seconds), style="dim")
+        return Group(self.text[max(0, start):], status)
+
+    def piece(self, text: str, thought: bool) -> None:
+        import time
+
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        if thought and self.hide:
+            return
+        if self.thinking and not thought:  # the answer starts on its own line
+            text = "\n" + text.lstrip("\n")
+        self.thinking = thought
+        self.text.append(text, style="dim" if thought else None)
+        if self.live is not None:
+            self.live.update(self._render())
+        else:
+            click.echo(text, nl=False)
+
+
+def _chat_turn(session: Any, text: str, image: Any, hide_thoughts: bool) -> None:
+    from .runtime.chat import Notice, Reply, Text
+
+    reply = None
+    with _ChatView(session, hide_thoughts) as view:
+        events = session.send(text, image)
+        try:
+            for ev in events:
+                if isinstance(ev, Text):
+                    view.piece(ev.text, ev.thought)
+                elif isinstance(ev, Notice):
+                    click.echo(f"note: {ev.message}", err=True)
+                elif isinstance(ev, Reply):
+                    reply = ev
+        except KeyboardInterrupt:
+            events.close()  # the partial reply stays in the conversation
+            click.echo("\n(interrupted)", err=True)
+    if reply is not None:
+        err_console.print(_chat_summary(reply), style="dim", markup=False, highlight=False, soft_wrap=True)
+
+
+def _chat_stats(session: Any) -> None:
+    rows, total = [], [0] * 5
+    for i, s in enumerate(session.history, 1):
+        vals = [s.prefill_tokens, s.reused_tokens, s.tokens, s.proposed, s.accepted]
+        total = [a + b for a, b in zip(total, vals)]
+        rows.append([i, *vals[:3], f"{s.tokens_per_second:.1f}", *vals[3:5], f"{100 * s.acceptance_rate:.0f}%"])
+    rate = f"{100 * total[4] / total[3]:.0f}%" if total[3] else "0%"
+    rows.append(["all", *total[:3], "", *total[3:5], rate])
+    print_table("chat turns", ["turn", "prefill", "cached", "tokens", "tok/s", "drafted", "kept", "acceptance"],
+                rows)
+
+
+@main.command("chat")
+@click.option("--target", required=True, type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
+@click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
+@click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip), for images.")
+@click.option("--system", help="System prompt.")
+@click.option("--think", is_flag=True, help="Gemma 4 thinking mode (<|think|> in the system turn).")
+@click.option("--hide-thoughts", is_flag=True, help="Do not show the thinking part of replies.")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="An image for the first message "
+              "(needs --mmproj; later: /image PATH).")
+@click.option("-n", "--max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per reply at most.")
+@_decode_options
+@click.option("--allow-no-drafter", is_flag=True, help="Go on without the drafter if it cannot be loaded.")
+@_runtime_options
+@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr.")
+def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, max_tokens, temp, top_k, top_p,
+             min_p, seed, accept, draft_max, adaptive, draft_cap, allow_no_drafter, verbose, **runtime) -> None:
+    """Chat with TARGET (+ MTP DRAFTER, + vision projector) in a REPL reading stdin line by line.
+
+    The conversation is rendered with the GGUF's chat template each turn and the KV cache is reused, so a turn
+    reads only what is new; when the context fills, the oldest turns after the system prompt are dropped.
+    Commands: /image PATH (attach to your next message), /reset, /stats, /exit.
+
+    \b
+    Examples:
+      gguf-mtp chat --target t.gguf --drafter d.gguf --system "Be brief." --think
+      gguf-mtp chat --target t.gguf --drafter d.gguf --mmproj m.gguf --image cat.png --plan plan.json
+      printf 'hi\\n/stats\\n' | gguf-mtp chat --target t.gguf --drafter d.gguf -n 64
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from .pairing import facts_from_gguf, require_compatible
+    from .runtime.chat import ChatSession
+    from .runtime.engine import Engine
+    from .runtime.multimodal import Projector
+    from .runtime.sampling import SamplingParams
+
+    if draft_max is not None and (adaptive or draft_cap is not None):
+        raise GgufMtpError("--draft-max fixes the draft length; drop --adaptive/--draft-cap")
+    if image_path is not None and mmproj is None:
+        raise GgufMtpError("--image needs a vision projector: add --mmproj FILE")
+    if image_path is not None and not Path(image_path).is_file():
+        raise GgufMtpError(f"image {image_path} does not exist")
+    settings = _runtime_settings(**runtime)
+    if draft_max is not None:
+        settings = settings.replace(draft_max=draft_max)
+    elif adaptive or draft_cap is not None:
+        settings = dataclasses.replace(settings, draft_max=None, draft_cap=draft_cap or settings.draft_cap)
+    if mmproj is not None:  # the whole set, before any weights load
+        require_compatible(facts_from_gguf(target), facts_from_gguf(drafter) if drafter else None,
+                           facts_from_gguf(mmproj))
+    stdin = sys.stdin
+    interactive = stdin.isatty()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_log_to_stderr(verbose))
+        eng = stack.enter_context(Engine.load(target, drafter, settings, allow_no_drafter=allow_no_drafter))
+        proj = stack.enter_context(Projector.load(mmproj, eng)) if mmproj else None
+        session = ChatSession(eng, projector=proj, system=system, think=think,
+                              sampling=SamplingParams(temp, top_k, top_p, min_p, seed), accept=accept,
+                              max_tokens=max_tokens)
+        stack.callback(session.close)
+        pending = proj.load_image(image_path) if image_path else None
+        if interactive:
+            what = "MTP drafter" if eng.has_drafter else "no drafter"
+            err_console.print(f"[dim]{Path(target).name} ({what}{', vision' if proj else ''}), context "
+                              f"{eng.n_ctx}. Commands: {CHAT_COMMANDS}. Ctrl-D quits.[/dim]", highlight=False)
+        while True:
+            if interactive:
+                console.print("[bold]>[/bold] ", end="")
+            try:
+                line = stdin.readline()
+            except KeyboardInterrupt:
+                break
+            if not line:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                if text.startswith("/"):
+                    cmd, _, arg = text.partition(" ")
+                    if cmd in ("/exit", "/quit"):
+                        break
+                    if cmd == "/reset":
+                        session.reset()
+                        click.echo("(conversation cleared)", err=True)
+                    elif cmd == "/stats":
+                        _chat_stats(session)
+                    elif cmd == "/image":
+                        if proj is None:
+                            raise GgufMtpError("/image needs a vision projector: restart with --mmproj FILE")
+                        if not arg.strip():
+                            raise GgufMtpError("/image: expected a file name")
+                        pending = proj.load_image(arg.strip())
+                        click.echo(f"(image {pending.source}, {pending.width}x{pending.height}: it goes with your "
+                                   f"next message)", err=True)
+                    else:
+                        raise GgufMtpError(f"unknown command {cmd}; commands: {CHAT_COMMANDS}")
+                    continue
+                image, pending = pending, None
+                _chat_turn(session, text, image, hide_thoughts)
+            except GgufMtpError as e:
+                if not interactive:
+                    raise
+                click.echo(f"error: {e}", err=True)
+
+
+# --- demo, bench: the shipped trained pair end to end; side-by-side speed (gguf_mtp/demo.py, bench.py) ----------
+@main.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Where the GGUFs, plan.json and the Modelfile go "
+              "(default: a new temporary directory, kept).")
+@click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Tokens generated per prompt.")
+@click.option("--force", is_flag=True, help="Overwrite what an earlier demo left in --workdir.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+def demo_cmd(ctx, workdir: str | None, max_tokens: int, force: bool, as_json: bool) -> None:
+    """Run the whole path on the small trained Gemma 4 pair that ships with gguf-mtp.
+
+    convert -> quantize (target Q8_0, drafter Q8_0) -> check -> plan (24 GiB) -> generate with and without MTP
+    -> an Ollama Modelfile and the llama-server command line. Exit 1 if a step failed.
+
+    \b
+    gguf-mtp demo
+    gguf-mtp demo --workdir ./demo --json
+    """
+    from . import bench, demo
+
+    def show(step: Any) -> None:
+        click.echo(f"{step.status:>7}  {step.name}: {step.detail}")
+
+    d = demo.run_demo(workdir, force=force, max_tokens=max_tokens, on_step=None if as_json else show)
+    if as_json:
+        print_json(d.to_dict())
+    else:
+        if d.bench is not None:
+            print_table(f"{d.bench.prompts} held-out prompts x {max_tokens} tokens, target {demo.TARGET_QUANT}, "
+                        f"drafter {demo.DRAFTER_QUANT}", bench.TABLE_COLUMNS, bench.table_rows(d.bench))
+        if d.modelfile is not None:
+            click.echo(f"Ollama: ollama create gemma4-mtp-demo -f {d.modelfile}")
+        if d.llama_server is not None:
+            click.echo(f"llama-server: {d.llama_server}")
+        click.echo(f"files: {d.workdir}")
+    if not d.ok:
+        ctx.exit(1)
+
+
+@main.command("bench")
+@click.option("--target", required=True, type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
+@click.option("--drafter", required=True, type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="Prompts, one per line (\\n escapes "
+              "for multi-line prompts); default: 4 excerpts of the trained pair's held-out Python text.")
+@click.option("-n", "--max-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per prompt and mode.")
+@click.option("--k-max", default=4, show_default=True, type=click.IntRange(0, 16), help="Fixed draft lengths 1..K.")
+@click.option("--no-adaptive", is_flag=True, help="Leave out the adaptive draft length.")
+@click.option("--oracle", is_flag=True, help="Add the oracle ceiling: drafts are the target's own greedy output.")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Runs per prompt and mode; the fastest counts.")
+@click.option("--chat", is_flag=True, help="Send each prompt as a user turn of the chat template (default: raw text).")
+@click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="Temperature (0: greedy).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
+@click.option("--accept", type=click.Choice(["exact", "rejection"]), default="exact", show_default=True,
+              help="Draft acceptance rule.")
+@_runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr.")
+def bench_cmd(target, drafter, prompts_file, max_tokens, k_max, no_adaptive, oracle, repeats, chat, temp, seed,
+              accept, as_json, verbose, **runtime) -> None:
+    """Speed of TARGET alone vs MTP with DRAFTER at k = 1..K and adaptive, side by side in one run.
+
+    Same prompts and token count for every mode (end-of-generation ignored), modes interleaved prompt by
+    prompt; tokens/s counts generation after the prompt.
+
+    \b
+    gguf-mtp bench --target t.gguf --drafter d.gguf -n 256 --repeats 3
+    gguf-mtp bench --target t.gguf --drafter d.gguf --prompts prompts.txt --oracle --json
+    """
+    from . import bench
+
+    prompts = bench.read_prompts(prompts_file) if prompts_file else bench.heldout_prompts()
+    settings = _runtime_settings(**runtime)
+    with _log_to_stderr(verbose):
+        r = bench.run_bench(target, drafter, prompts, max_tokens=max_tokens, ks=range(1, k_max + 1),
+                            adaptive=not no_adaptive, oracle=oracle, settings=settings, repeats=repeats,
+                            temperature=temp, seed=seed, accept=accept, chat=chat)
+    if as_json:
+        print_json(r.to_dict())
+        return
+    sampling = f"temperature {temp}, {accept} acceptance" if temp > 0 else "greedy"
+    print_table(f"{r.prompts} prompts x {max_tokens} tokens, {sampling}, fastest of {repeats}", bench.TABLE_COLUMNS,
+                bench.table_rows(r))

@@ -13,6 +13,7 @@ skips only the steps that need its output.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -222,8 +223,11 @@ def run_demo(workdir: str | Path | None = None, *, force: bool = False, max_toke
             t0 = time.perf_counter()
             try:
                 step.detail, step.status = fn(d), "ok"
-            except GgufMtpError as e:
-                step.detail, step.status = str(e), "failed"
+            except Exception as e:  # noqa: BLE001 - the demo reports every failure and goes on with what it can
+                if os.environ.get("GGUF_MTP_DEBUG"):
+                    raise
+                why = str(e) if isinstance(e, GgufMtpError) else f"{type(e).__name__}: {e}"
+                step.detail, step.status = why, "failed"
             step.seconds = time.perf_counter() - t0
         status[name] = step.status
         d.steps.append(step)

@@ -13,6 +13,7 @@ and ends in one ``GgufMtpError`` naming the offset. Tensor data is never read.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,14 +261,18 @@ def read_gguf(path: str | Path, tokens: bool = True) -> GgufInfo:
     p = Path(path)
     if not p.is_file():
         raise GgufMtpError(f"{p}: no such file")
-    size = p.stat().st_size
-    if size < 4:
-        raise GgufMtpError(f"{p}: not a GGUF file ({size} bytes)")
     with p.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 4:
+            raise GgufMtpError(f"{p}: not a GGUF file ({size} bytes)")
         if f.read(4) != GGUF_MAGIC:
             raise GgufMtpError(f"{p}: not a GGUF file (bad magic)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _scan(mm, size, p, tokens)
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError) as e:  # emptied since the size was read
+            raise GgufMtpError(f"{p}: cannot map the file ({e})") from None
+        with mm:
+            return _scan(mm, len(mm), p, tokens)  # the mapping's size: bounds checks never pass its end
 
 
 def tensor_array(info: GgufInfo, name: str) -> np.ndarray:

@@ -99,3 +99,27 @@ def captured_log(on_line: Callable[[int, str], None] | None = None, keep: int = 
         lib.llama_log_set(old_cb, old_ud)
         if pending:
             emit(pending_level[0], "".join(pending))
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C while a long C call runs, and raise KeyboardInterrupt once it returns.
+
+    Python runs its SIGINT handler at the next Python line, and during a C call that is inside our log
+    callback: the KeyboardInterrupt would be raised there, which ctypes prints and drops, and the call would go
+    on to finish as if nothing happened. Main thread only (elsewhere signals go to the main thread anyway).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt

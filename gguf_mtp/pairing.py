@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keys
-from .errors import IncompatiblePair
+from .errors import GgufMtpError, IncompatiblePair
 
 FIELDS = (
     "arch", "hidden_size", "vocab", "head_dim_swa", "head_dim_full", "kv_heads_swa", "kv_heads_full",
@@ -79,7 +79,7 @@ def facts_from_metadata(meta: Mapping[str, Any], token_bytes: Sequence[bytes] | 
         return meta.get(f"{arch}.{name}", default)
 
     pattern = k("attention.sliding_window_pattern") or []
-    n_layer = int(k("block_count", len(pattern)) or 0)
+    n_layer = int(k("block_count", len(pattern) if isinstance(pattern, list) else 0) or 0)
     layout = "".join("S" if s else "F" for s in _per_layer(pattern, n_layer)) if pattern else ""
     kv = _per_layer(k("attention.head_count_kv"), n_layer)
     if token_bytes is None and meta.get("tokenizer.ggml.tokens") is not None:
@@ -104,10 +104,63 @@ def facts_from_metadata(meta: Mapping[str, Any], token_bytes: Sequence[bytes] | 
     )
 
 
+# Integer hyper-parameters that readers of a model file size things from (pairing's per-layer lists, the
+# planner's tables). A file from elsewhere is checked once (``check_metadata``) before anyone uses them, so a
+# hostile value is one clear error instead of a crash or a 4-billion-entry list.
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+INT_KEYS = (
+    "{arch}.block_count", "{arch}.context_length", "{arch}.embedding_length", "{arch}.embedding_length_out",
+    "{arch}.attention.key_length", "{arch}.attention.key_length_swa", "{arch}.attention.sliding_window",
+    "{arch}.attention.shared_kv_layers", "{arch}.expert_count", "{arch}.expert_used_count",
+    "{arch}.expert_feed_forward_length", "{arch}.embedding_length_per_layer_input", "{arch}.centroid_count",
+    "general.file_type", "clip.vision.projection_dim", "clip.vision.embedding_length",
+    "clip.vision.feed_forward_length", "clip.vision.attention.head_count", "clip.vision.patch_size",
+    "clip.vision.projector.scale_factor", "clip.vision.image_size", "clip.vision.block_count",
+)
+PER_LAYER_KEYS = ("attention.sliding_window_pattern", "attention.head_count", "attention.head_count_kv",
+                  "feed_forward_length")  # a scalar, or one value per layer
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and 0 <= v < 2**32  # bools are ints here: a flag stored as a count is harmless
+
+
+def check_metadata(meta: Mapping[str, Any], where: str | Path) -> None:
+    """Refuse a file whose integer hyper-parameters are not integers, or whose per-layer lists do not match
+    its layer count (GgufMtpError naming the key)."""
+    arch = str(meta.get("general.architecture", ""))
+    for template in INT_KEYS:
+        key = template.format(arch=arch)
+        v = meta.get(key)
+        if v is not None and not _is_uint(v):
+            raise GgufMtpError(f"{where}: {key}: expected an integer from 0 to 2^32-1, got {_short(v)}")
+    n = meta.get(f"{arch}.block_count")
+    if n is not None and n > MAX_LAYERS:
+        raise GgufMtpError(f"{where}: {arch}.block_count: {n} layers, llama.cpp allows at most {MAX_LAYERS}")
+    for name in PER_LAYER_KEYS:
+        key = f"{arch}.{name}"
+        v = meta.get(key)
+        if isinstance(v, list):
+            if n is None:
+                raise GgufMtpError(f"{where}: {arch}.block_count is missing ({key} has {len(v)} values)")
+            if len(v) != n:
+                raise GgufMtpError(f"{where}: {key}: {len(v)} values for {n} layers")
+            if len(v) > MAX_LAYERS or not all(_is_uint(x) for x in v):
+                raise GgufMtpError(f"{where}: {key}: expected up to {MAX_LAYERS} integers, got {_short(v)}")
+        elif v is not None and not _is_uint(v):
+            raise GgufMtpError(f"{where}: {key}: expected an integer or one per layer, got {_short(v)}")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def facts_from_gguf(path: str | Path) -> ModelFacts:
     from .gguffile import read_gguf
 
     info = read_gguf(path, tokens=False)
+    check_metadata(info.metadata, info.path)
     facts = facts_from_metadata(info.metadata, info.token_bytes)
     if info.arch == keys.ARCH_DRAFTER and not facts.centroids:
         # upstream files have no centroid keys; the tensors alone still mark a centroid head

@@ -78,10 +78,17 @@ class ModelFile:
 
     @classmethod
     def from_gguf(cls, path: str | Path, role: str) -> ModelFile:
+        from . import pairing
         from .gguffile import read_gguf
 
         info = read_gguf(path, tokens=False)
+        pairing.check_metadata(info.metadata, info.path)  # integers where the tables below expect them
         tensors = tuple(TensorSpec(t.name, tuple(t.shape), t.type) for t in info.tensors)
+        n_layer = info.metadata.get(f"{info.arch}.block_count", 0)
+        stray = next((t.name for t in tensors if tensor_slot(t.name)[1] >= n_layer), None)
+        if stray is not None:  # llama.cpp refuses such a file too ("wrong number of tensors")
+            raise GgufMtpError(f"{path}: tensor {stray} belongs to a layer the file does not have "
+                               f"({info.arch}.block_count is {n_layer})")
         meta = dict(info.metadata)
         if info.token_bytes is not None:
             meta["tokenizer.ggml.n_tokens"] = len(info.token_bytes)
@@ -116,7 +123,7 @@ class ModelFile:
         if n:
             return int(n)
         emb = self.tensor("token_embd.weight")
-        return emb.shape[1] if emb else 0
+        return emb.shape[1] if emb and len(emb.shape) > 1 else 0
 
     @property
     def n_embd(self) -> int:
@@ -169,8 +176,8 @@ class ModelFile:
     def graph(self) -> TextGraph:
         moe = None
         if self.key("expert_count"):
-            moe = (int(self.key("expert_count")), int(self.key("expert_used_count")),
-                   int(self.key("expert_feed_forward_length")))
+            moe = (int(self.key("expert_count")), int(self.key("expert_used_count", 0)),
+                   int(self.key("expert_feed_forward_length", 0)))
         backbone = int(self.key("embedding_length_out", 0)) if self.arch == keys.ARCH_DRAFTER else 0
         return TextGraph(self.n_embd, self.n_vocab, self.attn_layers(), tuple(self._per_layer("feed_forward_length")),
                          int(self.key("embedding_length_per_layer_input", 0) or 0), moe, backbone)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
@@ -26,6 +27,7 @@ from .gguffile import GgufInfo, ggml_type_sizes, read_gguf, tensor_array
 
 ProgressFn = Callable[[int, int, str], None]  # (tensors done, tensors in all, current tensor name)
 
+DISK_FULL_BYTES = 16 << 20  # a write that failed with less than this free: call it a full disk
 DEFAULT_DRAFTER_TYPE = "Q8_0"  # until acceptance is measured per drafter type on a trained pair (docs/quantize.md)
 
 # Drafter tensors that keep their source type whatever the preset: the centroid head picks which tokens get
@@ -262,7 +264,7 @@ def _plan(src: str | Path, qtype: str, output_tensor_type: str | None, token_emb
 
 def _run(plan: _Plan, out: Path | None, progress: ProgressFn | None) -> tuple[dict[str, str], float]:
     """Call llama_model_quantize; returns the new type of each tensor as llama.cpp logged it, and seconds."""
-    from .llama_ext import captured_log, llama
+    from .llama_ext import captured_log, deferred_interrupt, llama
 
     lib = llama()
     params = lib.llama_model_quantize_default_params()
@@ -302,11 +304,17 @@ def _run(plan: _Plan, out: Path | None, progress: ProgressFn | None) -> tuple[di
             progress(done, total, name)
 
     t0 = time.perf_counter()
-    with captured_log(on_line) as log:
+    with captured_log(on_line) as log, deferred_interrupt():  # Ctrl-C: after llama.cpp returns (it has no cancel)
         rc = lib.llama_model_quantize(str(plan.src).encode(), str(out or "").encode(), ctypes.byref(params))
     seconds = time.perf_counter() - t0
     if rc != 0:
-        raise GgufMtpError(f"{plan.src}: llama.cpp could not quantize it: {_failure(log.errors, log.lines)}")
+        reason = _failure(log.errors, log.lines)
+        if out is not None and "iostream error" in reason:  # libstdc++'s whole message for a failed write
+            free = shutil.disk_usage(out.parent).free
+            why = "the disk is full" if free < DISK_FULL_BYTES else "a file size limit, a quota or an I/O error"
+            raise GgufMtpError(f"{plan.src}: llama.cpp could not write the output in {out.parent}: {why} "
+                               f"({free / 2**20:.1f} MiB free); nothing was written")
+        raise GgufMtpError(f"{plan.src}: llama.cpp could not quantize it: {reason}")
     return new_types, seconds
 
 
@@ -374,6 +382,11 @@ def quantize(
         return _quantize_planned(plan, tmp, None if dry_run else Path(dst), progress)
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _open_output(stack: ExitStack, src: Path, dst: str | Path | None, force: bool) -> Path:
     if dst is None:
         raise GgufMtpError("an output path is needed unless --dry-run")
@@ -384,7 +397,11 @@ def _open_output(stack: ExitStack, src: Path, dst: str | Path | None, force: boo
 
 
 def _quantize_planned(plan: _Plan, tmp: Path | None, dst: Path | None, progress: ProgressFn | None) -> QuantizeResult:
+    before = _identity(plan.src)
     new_types, seconds = _run(plan, tmp, progress)
+    if _identity(plan.src) != before:  # llama.cpp read a file that was being rewritten: its output is suspect
+        raise GgufMtpError(f"{plan.src}: the file changed while it was being quantized (size, mtime or inode "
+                           "differ); nothing was written")
     if tmp is None:
         changes = _changes_from_log(plan.info, new_types)
         dst_bytes = plan.info.data_offset + sum(-(-c.dst_bytes // plan.info.alignment) * plan.info.alignment

@@ -103,4 +103,6 @@ def ftype_name(ftype: int | None) -> str | None:
     """general.file_type as a name (``15`` -> ``Q4_K_M``); None when absent."""
     if ftype is None:
         return None
+    if not isinstance(ftype, int):  # a file from elsewhere may hold anything here
+        return f"unknown ({str(ftype)[:20]})"
     return FTYPE_NAMES.get(int(ftype) & ~1024, f"unknown ({ftype})")

@@ -47,6 +47,7 @@ import reference  # noqa: E402  (tests/reference.py: applies the transformers fi
 from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4ForCausalLM  # noqa: E402
 from transformers import Gemma4TextConfig  # noqa: E402
 
+from gguf_mtp import bench  # noqa: E402
 from gguf_mtp.tiny import configs, tokenizer, weights  # noqa: E402
 from gguf_mtp.tiny.configs import F as FULL, S as SLIDING  # noqa: E402
 
@@ -59,7 +60,7 @@ seed = 1337
 threads = 2  # torch threads; the dev machine is 2 shared cores
 # corpus
 heldout_every = 10  # every 10th stdlib module (sorted by name) is held out
-heldout_chars = 96_000  # how much held-out text is shipped (whole modules until this size)
+heldout_chars = 96_000  # held-out text shipped: the same share of each held-out module, cut at a line end
 # tokenizer: Gemma 4's layout (control tokens 0..106, "\n" 107, 256 byte pieces, learned pieces after)
 vocab_size = 2048
 # target: a 31B-style dense text model at toy size; hidden and intermediate multiples of 256 so the k-quants
@@ -72,8 +73,9 @@ kv_heads = 2
 head_dim = 64  # sliding layers
 global_head_dim = 128  # full layers
 sliding_window = 128
-# drafter (Q-only layers reading the target's last sliding / full layer)
-drafter_hidden = 256
+# drafter (Q-only layers reading the target's last sliding / full layer); its hidden size must differ from the
+# target's: llama.cpp tells a drafter's input and output widths apart by size
+drafter_hidden = 128
 drafter_intermediate = 512
 drafter_layer_types = [SLIDING, FULL]
 drafter_heads = 4
@@ -81,21 +83,24 @@ num_assistant_tokens = 3  # generation_config.json: transformers' draft length f
 # target training
 block = 256  # tokens per training window (the first is <bos>)
 batch = 8
-target_steps = 260
-lr = 3e-3
-min_lr = 3e-4
+target_steps = 800
+lr = 1e-2
+min_lr = 1e-3
 warmup = 20
 weight_decay = 0.1
 grad_clip = 1.0
+unlikelihood = 1.0  # weight of token-level unlikelihood on tokens already in the window (Welleck et al. 2019):
+# a model this small, trained this briefly, otherwise falls into greedy loops ("self.data = self.datadatadata")
 # drafter training
 drafter_steps = 150
 drafter_batch = 8
-drafter_lr = 3e-3
+drafter_lr = 1e-2
 depth = 3  # draft steps trained per position (MTP depth; later steps reuse the same weights)
 # logging
 log_every = 20
 eval_windows = 16  # held-out windows for the loss printed every log_every steps
-sample_tokens = 48  # greedy tokens per held-out prompt printed at the end of target training
+sample_every = 200  # target steps between greedy samples of held-out prompts (and a checkpoint in work_dir)
+sample_tokens = 48  # greedy tokens per held-out prompt
 # -----------------------------------------------------------------------------------------------------------
 for arg in sys.argv[1:]:  # key=value overrides
     key, sep, value = arg.partition("=")
@@ -125,18 +130,14 @@ texts = [p.read_text(encoding="utf-8", errors="replace") for p in modules]
 train_texts = [t for i, t in enumerate(texts) if i % heldout_every]
 held_names = [p.name for i, p in enumerate(modules) if i % heldout_every == 0]
 held_texts = [t for i, t in enumerate(texts) if i % heldout_every == 0]
-shipped, size = [], 0
-for name, text in zip(held_names, held_texts):
-    if size >= heldout_chars:
-        break
-    shipped.append(name)
-    size += len(text)
-heldout_text = "".join(held_texts[: len(shipped)])[:heldout_chars]
+share = heldout_chars // len(held_texts)
+heldout_text = "".join(f"# Lib/{name}\n" + text[:share].rsplit("\n", 1)[0] + "\n\n"
+                       for name, text in zip(held_names, held_texts))
 report["corpus"] = {"source": str(stdlib), "modules": len(modules), "train_modules": len(train_texts),
                     "train_chars": sum(map(len, train_texts)), "heldout_modules": held_names,
-                    "heldout_shipped": shipped, "heldout_chars": len(heldout_text)}
+                    "heldout_shipped_chars": len(heldout_text)}
 log(f"corpus: {len(train_texts)} modules ({sum(map(len, train_texts)):,} chars) for training, "
-    f"{len(held_texts)} held out ({len(heldout_text):,} chars shipped from {', '.join(shipped)})")
+    f"{len(held_texts)} held out ({', '.join(held_names)}); {len(heldout_text):,} chars of them shipped")
 
 # -----------------------------------------------------------------------------------------------------------
 # tokenizer (BPE with byte fallback, Gemma 4's control tokens) and the token stream
@@ -211,24 +212,63 @@ def optimizer(model: torch.nn.Module, peak: float) -> torch.optim.Optimizer:
 
 # -----------------------------------------------------------------------------------------------------------
 # target: train from scratch on next-token prediction
-def target_loss(model: Gemma4ForCausalLM, x: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=x).logits  # softcapped, as the model returns them
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), x[:, 1:].reshape(-1))
+def target_loss(model: Gemma4ForCausalLM, x: torch.Tensor, ul: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy, plus ``ul`` x unlikelihood of every earlier token of the window but the right one."""
+    logits = model(input_ids=x).logits[:, :-1]  # softcapped, as the model returns them
+    loss = F.cross_entropy(logits.reshape(-1, vocab_size), x[:, 1:].reshape(-1))
+    if ul:
+        seen = F.one_hot(x[:, :-1], vocab_size).cummax(dim=1).values.float()  # tokens up to each position
+        seen.scatter_(2, x[:, 1:, None], 0.0)
+        p = F.softmax(logits.float(), dim=-1).clamp(max=1 - 1e-5)
+        loss = loss + ul * -(seen * torch.log1p(-p)).sum(-1).mean()
+    return loss
 
 
 @torch.no_grad()
 def heldout_loss(model: Gemma4ForCausalLM) -> float:
+    """Cross-entropy only: comparable across settings of ``unlikelihood``."""
     model.eval()
     loss = float(target_loss(model, eval_x))
     model.train()
     return loss
 
 
-if reuse_target and (work / "target" / "model.safetensors").exists():
+prompts = bench.heldout_prompts(4, heldout_text)  # the prompts demo and the tests use
+
+
+def show_samples(model: Gemma4ForCausalLM) -> list[str]:
+    outs = []
+    for p in prompts:
+        outs.append(tok.decode(reference.greedy(model, [BOS, *encode(p)], sample_tokens)))
+        log(f"sample: {p!r} -> {outs[-1]!r}")
+    return outs
+
+
+def init_for_training(text_model: torch.nn.Module) -> None:
+    """Scales that let a from-scratch model learn quickly (transformers' defaults suit loading, not training):
+    embeddings of unit rms after the sqrt(hidden) scale; q/k norm gains head_dim^-1/4, so attention logits
+    start at unit scale (Gemma 4 attends with scale 1 after the q/k norms); layer outputs (post-norm gains)
+    1/sqrt(2 x layers), so the residual stream starts as the token embedding (GPT-2's residual scaling)."""
+    layers = text_model.layers
+    with torch.no_grad():
+        text_model.embed_tokens.weight.normal_(0.0, text_model.config.hidden_size ** -0.5)
+        for layer in layers:
+            gain = layer.self_attn.q_norm.weight.numel() ** -0.25
+            layer.self_attn.q_norm.weight.fill_(gain)
+            if not layer.self_attn.is_kv_shared_layer:
+                layer.self_attn.k_norm.weight.fill_(gain)
+            layer.post_attention_layernorm.weight.fill_((2 * len(layers)) ** -0.5)
+            layer.post_feedforward_layernorm.weight.fill_((2 * len(layers)) ** -0.5)
+
+
+done = work / "target" / "training.json"  # written when target training completes
+if reuse_target and done.exists():
     target = reference.load_model(work / "target")
+    report["target_training"] = json.loads(done.read_text())
     log(f"target: reused {work / 'target'} ({n_params(target):,} parameters)")
 else:
     target = Gemma4ForCausalLM(Gemma4TextConfig.from_dict(configs.target_config(spec)))
+    init_for_training(target.model)
     log(f"target: {n_params(target):,} parameters, layers {layer_types}, training {target_steps} steps "
         f"of {batch}x{block} tokens")
     opt = optimizer(target, lr)
@@ -237,7 +277,7 @@ else:
     for step in range(target_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, target_steps, lr)
-        loss = target_loss(target, windows(train_ids, batch))
+        loss = target_loss(target, windows(train_ids, batch), unlikelihood)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(target.parameters(), grad_clip)
         opt.step()
@@ -245,21 +285,22 @@ else:
         if step % log_every == 0 or step == target_steps - 1:
             log(f"target step {step:4d}  loss {loss.item():.3f}  held-out {heldout_loss(target):.3f}  "
                 f"{(time.time() - t0) / (step + 1):.2f} s/step")
+        if (step + 1) % sample_every == 0 and step + 1 < target_steps:
+            target.eval()
+            show_samples(target)
+            target.save_pretrained(work / "target")
+            target.train()
     report["target_training"] = {"steps": target_steps, "batch": batch, "block": block,
                                  "tokens": target_steps * batch * block, "seconds": round(time.time() - t0),
                                  "final_train_loss": round(loss.item(), 3)}
     target.eval()
     target.save_pretrained(work / "target")  # for reuse_target; the shipped files are written below
+    done.write_text(json.dumps(report["target_training"], indent=2) + "\n")
 target.eval()
 target.requires_grad_(False)
 report["target_heldout_loss"] = round(heldout_loss(target), 3)
 
-# greedy continuations of held-out prompts: the quality check a reader can judge
-prompts = [held_texts[i][: 160].rsplit("\n", 1)[0] + "\n" for i in range(0, len(held_texts), 3)][:4]
-for p in prompts:
-    ids = [BOS, *encode(p)]
-    cont = reference.greedy(target, ids, sample_tokens)
-    log(f"sample: {p[-60:]!r} -> {tok.decode(cont)!r}")
+report["samples"] = dict(zip(prompts, show_samples(target)))  # greedy: the quality check a reader can judge
 
 # -----------------------------------------------------------------------------------------------------------
 # drafter: frozen target, several draft steps deep at one position
@@ -293,10 +334,7 @@ def target_states(x: torch.Tensor):
 
 
 drafter = Gemma4AssistantForCausalLM(Gemma4AssistantConfig.from_dict(configs.drafter_config(spec)))
-with torch.no_grad():  # warm start: the target's token embeddings (the drafter's tied head) and final norm
-    if drafter_hidden == hidden:
-        drafter.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
-        drafter.model.norm.weight.copy_(target.model.norm.weight)
+init_for_training(drafter.model)  # its embedding table is only its (tied) output head
 embed = target.get_input_embeddings()  # scaled by sqrt(hidden), as llama.cpp's drafter input
 n_query = block - depth
 masks = strict_causal_masks(n_query, block, sliding_window)
@@ -358,6 +396,7 @@ def write_role(model: torch.nn.Module, role: str, names: list[str]) -> int:
     tensors = {n: state[n].detach().to(torch.float16 if state[n].is_floating_point() else state[n].dtype).contiguous()
                for n in sorted(names)}
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    (d / "model.safetensors").chmod(0o644)  # save_file creates it owner-only
     make_config = configs.target_config if role == "target" else configs.drafter_config
     (d / "config.json").write_text(json.dumps(make_config(spec), indent=2) + "\n")
     (d / "generation_config.json").write_text(json.dumps(configs.generation_config(spec, role), indent=2) + "\n")
@@ -374,5 +413,42 @@ report["bytes"] = sizes
 report["parameters"] = {"target": n_params(target), "drafter": n_params(drafter)}
 report["seconds"] = round(time.time() - t_start)
 (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+tt, dt = report["target_training"], report["drafter_training"]
+samples = "\n".join(f"- `{p!r}` -> `{c!r}`" for p, c in report["samples"].items())
+(out / "README.md").write_text(f"""# The trained pair (written by tools/train_tiny_pair.py: do not edit)
+
+A small Gemma 4 target and its MTP drafter, trained on this machine's CPU, for `gguf-mtp demo` and the tests
+(tests/test_trained_pair.py). Hugging Face layout, f16 safetensors; the GGUFs are built from it by our converter
+at run time.
+
+- target/: Gemma4ForCausalLM, {n_params(target):,} parameters: hidden {hidden}, intermediate {intermediate},
+  layers {' '.join(t[:1].upper() for t in layer_types)}, {heads} heads ({kv_heads} KV heads), head dims {head_dim} /
+  {global_head_dim}, sliding window {sliding_window}, vocabulary {vocab_size}, tied embeddings.
+- drafter/: Gemma4AssistantForCausalLM, {n_params(drafter):,} parameters: hidden {drafter_hidden},
+  layers {' '.join(t[:1].upper() for t in drafter_layer_types)}, reading the target's last sliding and full layer;
+  generation_config.json num_assistant_tokens {num_assistant_tokens}.
+- tokenizer: BPE with byte fallback and Gemma 4's control tokens at their ids (gguf_mtp.tiny.tokenizer),
+  {vocab_size} pieces learned on the training text ({report['tokens']['chars_per_token']} characters per token).
+- heldout.txt: the start of each held-out module (never trained on): {len(heldout_text):,} characters.
+- training.json: everything this run measured.
+
+Corpus: CPython {report['python']}'s standard library, top-level modules (`Lib/*.py`): {len(train_texts)} modules
+({report['corpus']['train_chars']:,} characters, {report['tokens']['train']:,} tokens) for training; every
+{heldout_every}th module held out ({', '.join(held_names)}).
+
+Training (torch {report['torch']}, {threads} threads): the target {tt['steps']} steps of {tt['batch']} x
+{tt['block']} tokens ({tt['seconds']} s), next-token cross-entropy plus token-level unlikelihood
+(weight {unlikelihood}); held-out loss {report['target_heldout_loss']} nats/token. The drafter {dt['steps']} steps of
+{drafter_batch} x {block} windows against the frozen target, {depth} draft steps deep at one position
+({dt['seconds']} s). {report['seconds']} s in all.
+
+Greedy continuations of held-out prompts by the target:
+
+{samples}
+
+License: the training text and heldout.txt come from CPython's `Lib/`, Copyright (c) 2001-2024 Python Software
+Foundation; All Rights Reserved, distributed under the PSF License Agreement version 2
+(https://docs.python.org/3/license.html). The weights are derived from that text.
+""", encoding="utf-8")
 log(f"wrote {out}: target {sizes['target']:,} bytes, drafter {sizes['drafter']:,} bytes, "
     f"heldout.txt {len(heldout_text):,} chars; {report['seconds']} s in all")

@@ -29,8 +29,11 @@ import operator
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import GgufMtpError
 from ..fsutil import TMP_PREFIX
@@ -50,7 +53,11 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def _write_role(spec: FamilySpec, role: str, directory: Path, seed: int) -> None:
+# (role, tensors by name) -> the tensors to write: lets a caller shape the random weights (tools/make_speed_pair.py)
+Adjust = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _write_role(spec: FamilySpec, role: str, directory: Path, seed: int, adjust: Adjust | None = None) -> None:
     directory.mkdir(parents=True)
     make_config, make_specs = ROLES[role]
     _write_json(directory / "config.json", make_config(spec))
@@ -58,17 +65,22 @@ def _write_role(spec: FamilySpec, role: str, directory: Path, seed: int) -> None
     if role == "target" and spec.vision is not None:
         _write_json(directory / "processor_config.json", configs.processor_config(spec))
     tensors = weights.materialize(make_specs(spec), seed, f"{spec.name}/{role}")
+    if adjust is not None:
+        tensors = adjust(role, tensors)
     weights.write_safetensors(directory / "model.safetensors", tensors, spec.dtype)
     tokenizer.write_tokenizer(directory, spec.tokenizer)
 
 
-def build_family(spec: FamilySpec, directory: Path, seed: int = 0) -> Path:
-    """Write ``directory/target`` and ``directory/drafter`` for one family (``directory`` must not exist)."""
+def build_family(spec: FamilySpec, directory: Path, seed: int = 0, adjust: Adjust | None = None) -> Path:
+    """Write ``directory/target`` and ``directory/drafter`` for one family (``directory`` must not exist).
+
+    ``adjust`` sees each role's tensors (target first) before they are written and returns what to write.
+    """
     configs.check_layout(spec.target_text, "target")
     configs.check_layout(spec.drafter_text, "drafter")
     configs.check_pair(spec.target_text, spec.drafter_text)
     for role in ROLES:
-        _write_role(spec, role, directory / role, seed)
+        _write_role(spec, role, directory / role, seed, adjust)
     return directory
 
 

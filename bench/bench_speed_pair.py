@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""MTP speed where it pays on a CPU: the speed pair (tools/make_speed_pair.py), side by side in one run.
+
+    python bench/bench_speed_pair.py                      # builds .work/speed/pair on first use
+    python bench/bench_speed_pair.py -n 128 --repeats 3 --threads 2 --write-docs
+
+Rows, each as tokens/s and the ratio to the target alone, same prompts and token count: the target alone; MTP at
+k = 1..4 and adaptive; the oracle (drafts = the target's own greedy output: every draft kept, drafting free) at the
+same lengths; llama.cpp's own C++ loop (``llama-speculative-simple --spec-type draft-mtp``) at k = 1..4 when the
+binary is built (``$LLAMA_SPECULATIVE_SIMPLE``, or under .work/sdist), else a line saying it was skipped. Then the
+two claims the product makes, checked: MTP >= 1.5x the target alone; adaptive k >= the best fixed k.
+Flash attention off and an f32 KV cache (batched and one-token logits then agree, so every mode emits the same
+tokens and the oracle can replay them); ``--write-docs`` rewrites the speed-pair section of docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from docsection import write_section  # noqa: E402
+
+from gguf_mtp.bench import BenchResult, run_bench  # noqa: E402
+from gguf_mtp.settings import RuntimeSettings  # noqa: E402
+from gguf_mtp.tiny.tokenizer import corpus_lines  # noqa: E402
+
+DOCS = ROOT / "docs" / "bench.md"
+KS = (1, 2, 3, 4)
+CPP_SPEED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s")
+CPP_ACCEPT = re.compile(r"accept\s+=\s+([\d.]+)%")
+
+
+def speed_pair(workdir: Path) -> tuple[Path, Path]:
+    target, drafter = workdir / "target-F16.gguf", workdir / "drafter-F16.gguf"
+    if not (target.exists() and drafter.exists()):
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_speed_pair.py"), str(workdir)], check=True)
+    return target, drafter
+
+
+def find_cpp_loop() -> Path | None:
+    env = os.environ.get("LLAMA_SPECULATIVE_SIMPLE")
+    if env:
+        return Path(env)
+    found = sorted((ROOT / ".work" / "sdist").glob("**/bin/llama-speculative-simple"))
+    return found[0] if found else None
+
+
+def cpp_loop(exe: Path, target: Path, drafter: Path, prompt: str, n: int, k: int, threads: int) -> dict:
+    """llama.cpp's reference loop on the same files and settings; its own tokens/s and acceptance."""
+    argv = [str(exe), "-m", str(target), "-md", str(drafter), "--spec-type", "draft-mtp", "--spec-draft-n-max",
+            str(k), "-p", prompt, "-n", str(n), "-t", str(threads), "-fa", "off", "-ctk", "f32", "-ctv", "f32",
+            "--temp", "0", "--ignore-eos", "-c", "1024", "--no-warmup"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    speed, accept = CPP_SPEED.search(out.stderr + out.stdout), CPP_ACCEPT.search(out.stderr + out.stdout)
+    if out.returncode != 0 or not speed:
+        raise RuntimeError(f"{exe.name} failed (exit {out.returncode}): {out.stderr.strip()[-300:]}")
+    return {"tokens_per_second": float(speed.group(3)), "acceptance": float(accept.group(1)) / 100 if accept else None}
+
+
+def markdown(r: BenchResult, cpp: dict[int, dict] | None, cpp_note: str, claims: list[str], args) -> str:
+    base = r.mode("target").tokens_per_second
+    lines = [
+        f"Speed pair (`tools/make_speed_pair.py`: ~130M-parameter 31B-style target, 4-layer drafter), "
+        f"{r.prompts} prompts x {r.max_tokens} tokens, greedy, {args.threads} thread(s), fastest of {r.repeats}; "
+        f"{platform.machine()}, {os.cpu_count()} CPUs; flash attention off, f32 KV cache.",
+        "",
+        "| mode | tokens/s | vs target alone | acceptance | by draft position | tokens per target step |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for m in r.modes:
+        drafted = m.mode != "target"
+        by_pos = " ".join(f"{a:.2f}" for a in m.acceptance_by_position) if drafted else "-"
+        lines.append(f"| {m.mode} | {m.tokens_per_second:.1f} | {m.speedup:.2f}x | "
+                     f"{f'{m.acceptance:.2f}' if drafted else '-'} | {by_pos} | {m.mean_accepted_length:.2f} |")
+    if cpp:
+        for k, c in cpp.items():
+            acc = f"{c['acceptance']:.2f}" if c["acceptance"] is not None else "-"
+            lines.append(f"| llama.cpp C++ loop k={k} | {c['tokens_per_second']:.1f} | "
+                         f"{c['tokens_per_second'] / base:.2f}x | {acc} | - | - |")
+    lines += ["", cpp_note, "", *[f"- {c}" for c in claims]]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=ROOT / ".work" / "speed" / "pair")
+    ap.add_argument("-n", "--tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write-docs", action="store_true", help="rewrite the speed-pair section of docs/bench.md")
+    args = ap.parse_args()
+
+    target, drafter = speed_pair(args.workdir)
+    lines = corpus_lines()
+    prompts = [lines[i * len(lines) // args.prompts] for i in range(args.prompts)]
+    settings = RuntimeSettings(n_ctx=1024, threads=args.threads, flash_attn="off", cache_type_k="f32",
+                               cache_type_v="f32")
+    r = run_bench(target, drafter, prompts, max_tokens=args.tokens, ks=KS, oracle=True, settings=settings,
+                  repeats=args.repeats)
+    print(f"{'mode':<18}{'tok/s':>9}{'vs target':>11}{'accept':>8}  by position")
+    for m in r.modes:
+        print(f"{m.mode:<18}{m.tokens_per_second:>9.1f}{m.speedup:>10.2f}x{m.acceptance:>8.2f}  "
+              + " ".join(f"{a:.2f}" for a in m.acceptance_by_position))
+
+    exe, cpp = find_cpp_loop(), None
+    if exe is None:
+        cpp_note = ("llama.cpp's C++ loop: skipped, `llama-speculative-simple` is not built (build it from the sdist "
+                    "in .work/sdist: `cmake -B build -DLLAMA_BUILD_EXAMPLES=ON && cmake --build build --target "
+                    "llama-speculative-simple` in its vendor/llama.cpp, or set LLAMA_SPECULATIVE_SIMPLE).")
+    else:
+        cpp = {k: cpp_loop(exe, target, drafter, prompts[0], args.tokens, k, args.threads) for k in KS}
+        cpp_note = f"llama.cpp's C++ loop: {exe} (first prompt only, its own timer)."
+        for k, c in cpp.items():
+            print(f"{'C++ loop k=' + str(k):<18}{c['tokens_per_second']:>9.1f}"
+                  f"{c['tokens_per_second'] / r.mode('target').tokens_per_second:>10.2f}x")
+    print(cpp_note)
+
+    fixed = [r.mode(f"k={k}") for k in KS]
+    best = max(fixed, key=lambda m: m.tokens_per_second)
+    adaptive = r.mode("adaptive")
+    claims = [f"MTP vs the target alone: best fixed {best.mode} {best.speedup:.2f}x, adaptive {adaptive.speedup:.2f}x "
+              f"(claim >= 1.5x: {'holds' if max(best.speedup, adaptive.speedup) >= 1.5 else 'does not hold'})",
+              f"adaptive vs the best fixed k ({best.mode}): {adaptive.tokens_per_second / best.tokens_per_second:.2f}x "
+              f"(claim >= 1: {'holds' if adaptive.tokens_per_second >= best.tokens_per_second else 'does not hold'})",
+              f"same tokens as the target alone: {min(m.same_output or 0 for m in r.modes)}/{r.prompts} prompts in "
+              f"every mode"]
+    for c in claims:
+        print(c)
+    if args.write_docs:
+        write_section(DOCS, "speed-pair", markdown(r, cpp, cpp_note, claims, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Mismatched sets, every command alike: each row breaks one field of a target / drafter / projector set, and
+``check``, ``generate``, ``chat``, ``plan`` and ``modelfile`` all refuse it naming that field (pairing.check_set is
+the one validator; the files are metadata-only GGUFs, refused before any weights would load)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from fixtures.quant import TOKENS, write_role
+
+from gguf_mtp.cli import main
+
+# field -> (role to break, metadata changes, extra write_role arguments)
+BROKEN = {
+    "arch": ("drafter", {}, {"arch": "gemma4"}),
+    "hidden_size": ("drafter", {"gemma4-assistant.embedding_length_out": 32}, {}),
+    "vocab": ("drafter", {}, {"tokens": TOKENS[:-1] + ["other"]}),
+    "head_dim_swa": ("drafter", {"gemma4-assistant.attention.key_length_swa": 8}, {}),
+    "head_dim_full": ("drafter", {"gemma4-assistant.attention.key_length": 64}, {}),
+    "kv_heads_swa": ("target", {"gemma4.attention.head_count_kv": [2, 2, 4, 2]}, {}),
+    "kv_heads_full": ("target", {"gemma4.attention.head_count_kv": [2, 2, 2, 1]}, {}),
+    "sliding_window": ("drafter", {"gemma4-assistant.attention.sliding_window": 16}, {}),
+    "rope_base_swa": ("drafter", {"gemma4-assistant.rope.freq_base_swa": 50000.0}, {}),
+    "rope_base_full": ("drafter", {"gemma4-assistant.rope.freq_base": 500000.0}, {}),
+    "layer_layout": ("target", {"gemma4.attention.sliding_window_pattern": [True, True, False, True]}, {}),
+    "projector_dim": ("projector", {"clip.vision.projection_dim": 32}, {}),
+}
+
+
+def command_lines(t: str, d: str, p: str) -> dict[str, list[str]]:
+    """Each command, given the whole set (the projector where the command takes one)."""
+    return {
+        "check": ["check", t, d, "--mmproj", p, "--no-runtime-centroids"],
+        "generate": ["generate", "--target", t, "--drafter", d, "-p", "hi", "-n", "4"],
+        "chat": ["chat", "--target", t, "--drafter", d, "--mmproj", p, "-n", "4"],
+        "plan": ["plan", "--target", t, "--drafter", d, "--mmproj", p],
+        "modelfile": ["modelfile", "--target", t, "--drafter", d, "--mmproj", p, "--ctx", "4096"],
+    }
+
+
+COMMANDS = list(command_lines("t", "d", "p"))
+NO_PROJECTOR = {"generate"}  # generate takes no --mmproj: a projector row cannot reach it
+
+
+@pytest.fixture
+def make_set(tmp_path):
+    def build(field: str | None) -> tuple[str, str, str]:
+        role, kv, extra = BROKEN[field] if field else (None, {}, {})
+        paths = []
+        for r in ("target", "drafter", "projector"):
+            mine = r == role
+            paths.append(str(write_role(tmp_path / f"{r}.gguf", r, kv=kv if mine else {}, **(extra if mine else {}))))
+        return tuple(paths)
+
+    return build
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("field", list(BROKEN))
+def test_every_command_names_the_broken_field(make_set, field, command):
+    if command in NO_PROJECTOR and BROKEN[field][0] == "projector":
+        pytest.skip("generate takes no projector")
+    t, d, p = make_set(field)
+    r = CliRunner().invoke(main, command_lines(t, d, p)[command], input="")
+    assert r.exit_code == 1, (r.exit_code, r.output, r.exception)
+    text = r.output if command == "check" else r.stderr
+    assert f"{field}: " in text, text
+    if command != "check":  # one error line naming every problem, nothing on stdout
+        assert r.stderr.startswith("error: incompatible set") and r.stderr.count("\n") == 1 and not r.stdout
+
+
+def test_the_unbroken_set_passes_the_pair_check(make_set):
+    """The rows' baseline is a working set: check accepts it (the other commands would go on to load weights)."""
+    t, d, p = make_set(None)
+    r = CliRunner().invoke(main, command_lines(t, d, p)["check"])
+    assert r.exit_code == 0 and r.output.startswith("compatible"), r.output
+    r = CliRunner().invoke(main, command_lines(t, d, p)["modelfile"])
+    assert r.exit_code == 0 and "DRAFT" in r.output, r.output
