@@ -5,8 +5,9 @@
     python tools/train_tiny_pair.py reuse_target=True            # keep work_dir's target, retrain the drafter
 
 Any config value below can be overridden as key=value (nanoGPT's habit). The script reads top to bottom:
-corpus -> tokenizer -> token stream -> target (a Gemma 4 text model, trained from scratch) -> its MTP drafter
-(Gemma4AssistantForCausalLM, trained against the frozen target) -> the Hugging Face layout gguf-mtp converts.
+corpus -> tokenizer -> token stream -> target (a Gemma 4 text model, trained from scratch, then fine-tuned with
+sequence-level unlikelihood so its greedy output does not loop) -> its MTP drafter (Gemma4AssistantForCausalLM,
+trained against the frozen target) -> the Hugging Face layout gguf-mtp converts.
 
 Corpus: the Python standard library's own top-level modules (``Lib/*.py`` of the interpreter running this).
 Every machine with Python has it, so training needs no download; it is real, varied text (code, docstrings,
@@ -91,8 +92,15 @@ weight_decay = 0.1
 grad_clip = 1.0
 unlikelihood = 1.0  # weight of token-level unlikelihood on tokens already in the window (Welleck et al. 2019):
 # a model this small, trained this briefly, otherwise falls into greedy loops ("self.data = self.datadatadata")
+# target, part 2: sequence-level unlikelihood (Welleck et al. 2019), against the greedy loops a model this small
+# falls into; every other step is ordinary next-token training so the loss stays where it was
+seq_ul_steps = 300
+seq_ul_lr = 1e-3
+seq_ul_prefix = 64  # training-text tokens the target continues greedily ...
+seq_ul_continuation = 64  # ... for this many tokens
+seq_ul_ngram = 4  # tokens of a repeated 4-gram in its continuation are pushed down
 # drafter training
-drafter_steps = 150
+drafter_steps = 600
 drafter_batch = 8
 drafter_lr = 1e-2
 depth = 3  # draft steps trained per position (MTP depth; later steps reuse the same weights)
@@ -296,9 +304,72 @@ else:
     target.eval()
     target.save_pretrained(work / "target")  # for reuse_target; the shipped files are written below
     done.write_text(json.dumps(report["target_training"], indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# target, part 2: sequence-level unlikelihood fine-tuning
+@torch.no_grad()
+def greedy_batch(model: Gemma4ForCausalLM, x: torch.Tensor, n: int) -> torch.Tensor:
+    """x followed by n greedy tokens per row (a KV-cached loop; every row has the same length)."""
+    out = model(input_ids=x, use_cache=True)
+    cont = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(n - 1):
+        out = model(input_ids=cont[-1], past_key_values=out.past_key_values, use_cache=True)
+        cont.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat([x, *cont], dim=1)
+
+
+def repeats(seq: torch.Tensor, start: int) -> torch.Tensor:
+    """True at positions >= start that belong to an n-gram seen earlier in the row."""
+    mask = torch.zeros(seq.shape, dtype=torch.bool)
+    for b, row in enumerate(seq.tolist()):
+        seen: set[tuple[int, ...]] = set()
+        for i in range(len(row) - seq_ul_ngram + 1):
+            gram = tuple(row[i:i + seq_ul_ngram])
+            if gram in seen and i + seq_ul_ngram > start:
+                mask[b, max(i, start):i + seq_ul_ngram] = True
+            seen.add(gram)
+    return mask
+
+
+ul_eval = windows(held_ids, eval_windows, np.linspace(0, held_ids.size - block, eval_windows).astype(int))
+ul_eval = ul_eval[:, :seq_ul_prefix]
+
+
+def repetition(model: Gemma4ForCausalLM) -> float:
+    """Share of greedy continuation tokens (held-out prefixes) that sit in a repeated n-gram."""
+    model.eval()
+    seq = greedy_batch(model, ul_eval, seq_ul_continuation)
+    return float(repeats(seq, seq_ul_prefix)[:, seq_ul_prefix:].float().mean())
+
+
+report["before_seq_ul"] = {"heldout_loss": round(heldout_loss(target), 3), "repetition": round(repetition(target), 3)}
+log(f"sequence-level unlikelihood: {seq_ul_steps} steps; before: held-out loss {report['before_seq_ul']['heldout_loss']}, "
+    f"{report['before_seq_ul']['repetition']:.0%} of greedy tokens in repeated {seq_ul_ngram}-grams")
+opt = optimizer(target, seq_ul_lr)
+t0 = time.time()
+for step in range(seq_ul_steps):
+    if step % 2 == 0:  # the target continues training text greedily; its repeated n-grams become less likely
+        target.eval()
+        seq = greedy_batch(target, windows(train_ids, batch)[:, :seq_ul_prefix], seq_ul_continuation)
+        target.train()
+        bad = repeats(seq, seq_ul_prefix)[:, 1:].float()
+        p = F.softmax(target(input_ids=seq).logits[:, :-1].float(), dim=-1)
+        p = p.gather(2, seq[:, 1:, None])[..., 0].clamp(max=1 - 1e-5)
+        loss = -(bad * torch.log1p(-p)).sum() / bad.sum().clamp(min=1.0)
+    else:
+        loss = target_loss(target, windows(train_ids, batch))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(target.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if (step + 1) % (5 * log_every) == 0 or step == seq_ul_steps - 1:
+        log(f"sequence-level unlikelihood step {step:4d}  held-out {heldout_loss(target):.3f}  repetition "
+            f"{repetition(target):.0%}  {(time.time() - t0) / (step + 1):.2f} s/step")
 target.eval()
 target.requires_grad_(False)
 report["target_heldout_loss"] = round(heldout_loss(target), 3)
+report["seq_ul"] = {"steps": seq_ul_steps, "seconds": round(time.time() - t0), "repetition": round(repetition(target), 3)}
 
 report["samples"] = dict(zip(prompts, show_samples(target)))  # greedy: the quality check a reader can judge
 
@@ -355,7 +426,7 @@ log(f"drafter: {n_params(drafter):,} parameters, layers {drafter_layer_types}, {
 opt = optimizer(drafter, drafter_lr)
 drafter.train()
 t0 = time.time()
-match_sum = np.zeros(depth)
+match_sum, match_steps = np.zeros(depth), 0  # target-argmax agreement on training windows
 for step in range(drafter_steps):
     for group in opt.param_groups:
         group["lr"] = lr_at(step, drafter_steps, drafter_lr)
@@ -372,11 +443,12 @@ for step in range(drafter_steps):
     torch.nn.utils.clip_grad_norm_(drafter.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    match_steps += 1
     if step % log_every == 0 or step == drafter_steps - 1:
-        n = log_every if step else 1
         log(f"drafter step {step:4d}  loss {loss.item():.3f}  argmax match by depth "
-            f"{' '.join(f'{m / n:.2f}' for m in match_sum)}  {(time.time() - t0) / (step + 1):.2f} s/step")
-        match_sum[:] = 0
+            f"{' '.join(f'{m / match_steps:.2f}' for m in match_sum)}  {(time.time() - t0) / (step + 1):.2f} s/step")
+        report["drafter_match_by_depth"] = [round(m / match_steps, 3) for m in match_sum]
+        match_sum[:], match_steps = 0, 0
 report["drafter_training"] = {"steps": drafter_steps, "batch": drafter_batch, "depth": depth,
                               "seconds": round(time.time() - t0), "final_loss": round(loss.item(), 3)}
 drafter.eval()
@@ -438,7 +510,11 @@ Corpus: CPython {report['python']}'s standard library, top-level modules (`Lib/*
 
 Training (torch {report['torch']}, {threads} threads): the target {tt['steps']} steps of {tt['batch']} x
 {tt['block']} tokens ({tt['seconds']} s), next-token cross-entropy plus token-level unlikelihood
-(weight {unlikelihood}); held-out loss {report['target_heldout_loss']} nats/token. The drafter {dt['steps']} steps of
+(weight {unlikelihood}); then {report['seq_ul']['steps']} steps alternating sequence-level unlikelihood on its own
+greedy continuations and next-token training ({report['seq_ul']['seconds']} s): greedy tokens in repeated
+{seq_ul_ngram}-grams (16 held-out prefixes x {seq_ul_continuation} tokens) {report['before_seq_ul']['repetition']:.0%} ->
+{report['seq_ul']['repetition']:.0%}, held-out loss {report['before_seq_ul']['heldout_loss']} ->
+{report['target_heldout_loss']} nats/token. The drafter {dt['steps']} steps of
 {drafter_batch} x {block} windows against the frozen target, {depth} draft steps deep at one position
 ({dt['seconds']} s). {report['seconds']} s in all.
 
