@@ -8,7 +8,7 @@
 #
 # Sized for one H100/H200-class GPU (sm_90) and 15 minutes in all. Offline-safe: the llama.cpp sources come from
 # the llama-cpp-python sdist already on this machine ($SDIST, .work/sdist/, ~/.cache/gguf-mtp/sdist/ or
-# /work/src); the build uses pip (--no-build-isolation) when scikit-build-core is installed, else plain CMake
+# .work/sdist); the build uses pip (--no-build-isolation) when scikit-build-core is installed, else plain CMake
 # with the libraries dropped into a copy of the installed llama_cpp package. Nothing outside .work/gpu-check is
 # touched; the CPU build in site-packages stays as it is.
 #
@@ -30,7 +30,7 @@ find_source() {
     local cand
     for cand in "${SDIST:-}" "$REPO"/.work/sdist/llama_cpp_python-0.3.36.tar.gz \
                 "$HOME"/.cache/gguf-mtp/sdist/llama_cpp_python-0.3.36.tar.gz \
-                "$REPO"/.work/sdist/llama_cpp_python-0.3.36 /work/src/llama_cpp_python-0.3.36; do
+                "$REPO"/.work/sdist/llama_cpp_python-0.3.36; do
         [ -n "$cand" ] || continue
         if [ -d "$cand/vendor/llama.cpp" ]; then echo "$cand"; return 0; fi
         if [ -f "$cand" ]; then
