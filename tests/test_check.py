@@ -7,29 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from fixtures.quant import TOKENS, write_role
+from fixtures.quant import MISMATCHES, write_role
 from gguf_mtp import pairing
 from gguf_mtp.check import check_files
 from gguf_mtp.cli import main
-
-# field -> (role to change, its metadata changes, extra write_role arguments)
-MISMATCHES = {
-    "arch": ("drafter", {}, {"arch": "gemma4"}),
-    "hidden_size": ("drafter", {"gemma4-assistant.embedding_length_out": 32}, {}),
-    "vocab": ("drafter", {}, {"tokens": TOKENS[:-1] + ["other"]}),
-    "head_dim_swa": ("drafter", {"gemma4-assistant.attention.key_length_swa": 8}, {}),
-    "head_dim_full": ("drafter", {"gemma4-assistant.attention.key_length": 64}, {}),
-    "kv_heads_swa": ("target", {"gemma4.attention.head_count_kv": [2, 2, 4, 2]}, {}),
-    "kv_heads_full": ("target", {"gemma4.attention.head_count_kv": [2, 2, 2, 1]}, {}),
-    "sliding_window": ("drafter", {"gemma4-assistant.attention.sliding_window": 16}, {}),
-    "rope_base_swa": ("drafter", {"gemma4-assistant.rope.freq_base_swa": 50000.0}, {}),
-    "rope_base_full": ("drafter", {"gemma4-assistant.rope.freq_base": 500000.0}, {}),
-    "layer_layout": ("target", {"gemma4.attention.sliding_window_pattern": [True, True, False, True]}, {}),
-    "projector_dim": ("projector", {"clip.vision.projection_dim": 32}, {}),
-    "centroid_support": ("drafter", {"gemma4-assistant.centroid_count": 16, "gemma4-assistant.centroid_top_k": 4},
-                         {}),
-}
-
 
 def _set(tmp_path, changed_role=None, kv=None, extra=None):
     paths = {}
