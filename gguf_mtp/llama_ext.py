@@ -1,104 +1,121 @@
-"""Small generic helpers over llama-cpp-python's ctypes bindings, for code outside the runtime package.
+"""Small generic helpers over llama-cpp-python's ctypes bindings, shared by the runtime, the quantizer and the probe.
 
-``captured_log``: llama.cpp reports progress and errors only through its log callback (quantizer tensor lines,
-"failed to quantize: ..."). Unlike the runtime's permanent sink (runtime/bindings.py ``LLAMA_LOG``, which keeps
-lines for error messages), this calls back per line *while* a long C call runs, so a progress bar can follow
-it. The callback is process-global: the previous one (llama-cpp-python's, or the runtime's) is restored on exit,
-and the captured lines are not forwarded (llama-cpp-python's default sink would print all of them).
+``LLAMA_LOG``: llama.cpp reports what it did (layer placement, flash attention, KV sizes, quantizer tensor lines)
+and why it failed ("failed to quantize: ...") only through its process-global log callback. One sink receives
+every line for the life of the process: it joins the fragments llama.cpp emits into lines, sends them to the
+``gguf_mtp.llama`` Python logger at DEBUG (the CLI's ``-v``), and hands them to the active ``capture()`` blocks,
+so errors can quote them, tests can prove a setting arrived, and a progress bar can follow a long C call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
-# enum ggml_log_level (ggml/include/ggml.h)
-LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = 1, 2, 3, 4, 5
+log = logging.getLogger("gguf_mtp.llama")
+
+# enum ggml_log_level (ggml/include/ggml.h); CONT continues the previous fragment's line
+LEVEL_NAMES = {1: "DEBUG", 2: "INFO", 3: "WARN", 4: "ERROR"}
+LEVEL_CONT = 5
+
+
+@dataclass(frozen=True)
+class LogLine:
+    level: str  # DEBUG / INFO / WARN / ERROR
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class LlamaLog:
+    """The process' llama.cpp / ggml log sink. A line takes the level of its first fragment."""
+
+    def __init__(self) -> None:
+        self._captures: list[tuple[list[LogLine], Callable[[LogLine], None] | None]] = []
+        self._partial = ""
+        self._level = 2
+        self._lock = threading.Lock()
+        self._callback = None
+
+    @property
+    def callback(self):
+        """The ctypes callback (created once: it must outlive every C library that was given it)."""
+        if self._callback is None:
+            import llama_cpp.llama_cpp as lib
+
+            self._callback = lib.llama_log_callback(self._on_log)
+        return self._callback
+
+    def install(self) -> None:
+        import llama_cpp.llama_cpp as lib
+
+        lib.llama_log_set(self.callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        try:  # an exception must never cross into C
+            with self._lock:
+                if not self._partial and level != LEVEL_CONT:
+                    self._level = level
+                self._partial += text.decode("utf-8", errors="replace") if text else ""
+                while "\n" in self._partial:
+                    line, self._partial = self._partial.split("\n", 1)
+                    self._emit(LogLine(LEVEL_NAMES.get(self._level, "INFO"), line))
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _emit(self, line: LogLine) -> None:
+        log.debug("%s", line.text)
+        for lines, on_line in self._captures:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+
+    @contextlib.contextmanager
+    def capture(self, on_line: Callable[[LogLine], None] | None = None) -> Iterator[list[LogLine]]:
+        """The lines llama.cpp logs inside the block; ``on_line`` is called as each arrives (re-installs the
+        sink first: llama-cpp-python's ``Llama`` class replaces the global callback with its own)."""
+        self.install()
+        entry: tuple[list[LogLine], Callable[[LogLine], None] | None] = ([], on_line)
+        with self._lock:
+            self._captures.append(entry)
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                self._captures.remove(entry)
+
+
+LLAMA_LOG = LlamaLog()
+_init_lock = threading.Lock()
+_initialized = False
 
 
 def llama() -> object:
-    """The ``llama_cpp.llama_cpp`` bindings, with the backend initialised once (imported lazily: ~0.1 s)."""
+    """The ``llama_cpp.llama_cpp`` bindings, with our log sink installed and the backend initialised once per
+    process (imported lazily: ~0.1 s)."""
     import llama_cpp.llama_cpp as lib
 
-    global _backend_ready
-    if not _backend_ready:
-        lib.llama_backend_init()
-        _backend_ready = True
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            LLAMA_LOG.install()
+            lib.llama_backend_init()
+            _initialized = True
     return lib
 
 
-_backend_ready = False
-
-
-@dataclass
-class LogCapture:
-    """Complete log lines seen so far (the last ``keep`` of them) and the error lines among them."""
-
-    keep: int = 400
-    lines: deque = field(default_factory=deque)
-    errors: list[str] = field(default_factory=list)
-
-    def add(self, level: int, line: str) -> None:
-        self.lines.append(line)
-        while len(self.lines) > self.keep:
-            self.lines.popleft()
-        if level == LEVEL_ERROR and line.strip() and len(self.errors) < 50:
-            self.errors.append(line.strip())
-
-
-@contextlib.contextmanager
-def captured_log(on_line: Callable[[int, str], None] | None = None, keep: int = 400,
-                 echo: bool = False) -> Iterator[LogCapture]:
-    """Route llama.cpp's log into Python for the duration of the block.
-
-    llama.cpp emits a line in fragments (several calls, the later ones often at level CONT); fragments are
-    joined and ``on_line(level, line)`` is called once per complete line, with the level of its first fragment.
-    ``echo`` also writes the raw text to stderr.
-    """
-    import sys
-
-    lib = llama()
-    cap = LogCapture(keep=keep)
-    pending: list[str] = []
-    pending_level = [LEVEL_INFO]
-
-    def emit(level: int, line: str) -> None:
-        cap.add(level, line)
-        if on_line is not None:
-            on_line(level, line)
-
-    @lib.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        try:
-            s = text.decode("utf-8", errors="replace") if text else ""
-            if echo:
-                sys.stderr.write(s)
-            if not pending and level != LEVEL_CONT:
-                pending_level[0] = level
-            while "\n" in s:
-                head, s = s.split("\n", 1)
-                pending.append(head)
-                emit(pending_level[0], "".join(pending))
-                pending.clear()
-                pending_level[0] = level if level != LEVEL_CONT else pending_level[0]
-            if s:
-                pending.append(s)
-        except Exception:  # an exception must never cross into C
-            pass
-
-    old_cb = lib.llama_log_callback()
-    old_ud = ctypes.c_void_p()
-    lib.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_ud))
-    lib.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield cap
-    finally:
-        lib.llama_log_set(old_cb, old_ud)
-        if pending:
-            emit(pending_level[0], "".join(pending))
+def error_lines(lines: Sequence[LogLine], limit: int = 3) -> str:
+    """The last few ERROR lines (else WARN lines), joined for an exception message."""
+    for level in ("ERROR", "WARN"):
+        bad = [ln.text.strip() for ln in lines if ln.level == level and ln.text.strip()]
+        if bad:
+            return "; ".join(bad[-limit:])
+    return ""
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GgufMtpError
-from .llama_ext import captured_log, llama
+from .llama_ext import LLAMA_LOG, llama
 
 LOAD_MODE_NONE = 0
 CTX_TYPE_MTP_NAME = "LLAMA_CONTEXT_TYPE_MTP"
@@ -183,17 +183,17 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
     gpus = [n for n in device_memory() if n.startswith(("CUDA", "ROCm", "Metal", "Vulkan"))] if alloc else []
     free0 = device_memory()[gpus[0]][0] if gpus else None
     try:
-        with captured_log(keep=100000) as log:
+        with LLAMA_LOG.capture() as log:
             tm = _load(target, n_gpu_layers, ovr, alloc)
             models.append(tm)
             tctx = llama_cpp.llama_init_from_model(tm, _ctx_params(shape))
             if not tctx:
                 raise GgufMtpError(f"llama.cpp could not create a context for {target}")
             ctxs.append(tctx)
-        tusage = Usage(memory_breakdown(tctx), "\n".join(log.lines), llama_cpp.llama_n_ctx(tctx))
+        tusage = Usage(memory_breakdown(tctx), "\n".join(map(str, log)), llama_cpp.llama_n_ctx(tctx))
         dusage = None
         if drafter is not None:
-            with captured_log(keep=100000) as dlog:
+            with LLAMA_LOG.capture() as dlog:
                 dm = _load(drafter, n_gpu_layers if drafter_n_gpu_layers is None else drafter_n_gpu_layers,
                            None, alloc)
                 models.append(dm)
@@ -206,7 +206,7 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
                 if not dctx:
                     raise GgufMtpError(f"llama.cpp could not create the MTP context for {drafter}")
                 ctxs.append(dctx)
-            dusage = Usage(memory_breakdown(dctx), "\n".join(dlog.lines), llama_cpp.llama_n_ctx(dctx))
+            dusage = Usage(memory_breakdown(dctx), "\n".join(map(str, dlog)), llama_cpp.llama_n_ctx(dctx))
         used = free0 - device_memory()[gpus[0]][0] if free0 is not None else None
         return Measurement(tusage, dusage, used)
     finally:

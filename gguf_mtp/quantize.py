@@ -264,7 +264,7 @@ def _plan(src: str | Path, qtype: str, output_tensor_type: str | None, token_emb
 
 def _run(plan: _Plan, out: Path | None, progress: ProgressFn | None) -> tuple[dict[str, str], float]:
     """Call llama_model_quantize; returns the new type of each tensor as llama.cpp logged it, and seconds."""
-    from .llama_ext import captured_log, deferred_interrupt, llama
+    from .llama_ext import LLAMA_LOG, LogLine, deferred_interrupt, llama
 
     lib = llama()
     params = lib.llama_model_quantize_default_params()
@@ -293,8 +293,8 @@ def _run(plan: _Plan, out: Path | None, progress: ProgressFn | None) -> tuple[di
 
     new_types: dict[str, str] = {}
 
-    def on_line(level: int, line: str) -> None:
-        m = _TENSOR_LINE.match(line)
+    def on_line(line: LogLine) -> None:
+        m = _TENSOR_LINE.match(line.text)
         if not m:
             return
         done, total, name, old, rest = int(m[1]), int(m[2]), m[3], m[4].upper(), m[5]
@@ -304,11 +304,12 @@ def _run(plan: _Plan, out: Path | None, progress: ProgressFn | None) -> tuple[di
             progress(done, total, name)
 
     t0 = time.perf_counter()
-    with captured_log(on_line) as log, deferred_interrupt():  # Ctrl-C: after llama.cpp returns (it has no cancel)
+    with LLAMA_LOG.capture(on_line) as log, deferred_interrupt():  # Ctrl-C: after llama.cpp returns (it has no cancel)
         rc = lib.llama_model_quantize(str(plan.src).encode(), str(out or "").encode(), ctypes.byref(params))
     seconds = time.perf_counter() - t0
     if rc != 0:
-        reason = _failure(log.errors, log.lines)
+        reason = _failure([ln.text.strip() for ln in log if ln.level == "ERROR" and ln.text.strip()],
+                          [ln.text for ln in log])
         if out is not None and "iostream error" in reason:  # libstdc++'s whole message for a failed write
             free = shutil.disk_usage(out.parent).free
             why = "the disk is full" if free < DISK_FULL_BYTES else "a file size limit, a quota or an I/O error"

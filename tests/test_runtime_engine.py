@@ -10,7 +10,8 @@ from fixtures.runtime import TEST_SETTINGS
 
 from gguf_mtp.errors import GgufMtpError, IncompatiblePair
 from gguf_mtp.runtime import chat_template
-from gguf_mtp.runtime.bindings import LLAMA_LOG, llama
+from gguf_mtp.llama_ext import LLAMA_LOG
+from gguf_mtp.runtime.bindings import llama
 from gguf_mtp.runtime.engine import Engine
 
 

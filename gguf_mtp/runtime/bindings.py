@@ -3,21 +3,15 @@
 - ``tensor_buft_overrides`` is an untyped pointer in llama-cpp-python: ``buft_overrides`` builds the
   NULL-terminated ``{pattern, buft}`` array llama.cpp reads (``-ot`` / ``--n-cpu-moe``), with buffer types from
   libggml-base (CPU) and the backend registry (GPU).
-- llama.cpp reports what it did (layer placement, overridden tensors, flash attention, KV sizes) only in its log:
-  ``LLAMA_LOG`` captures those lines so errors can quote them and tests can prove a setting arrived.
 - ``Batch`` is a ``llama_batch`` whose arrays Python owns; a row can carry a token *and* an embedding, which the
   MTP drafter needs (``llama_batch_ext_set_embd_state`` is a stub in this version).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
-import threading
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,92 +33,6 @@ KV_TYPE_IDS = {
 }
 FLASH_ATTN_IDS = {"auto": -1, "off": 0, "on": 1}
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
-
-_init_lock = threading.Lock()
-_initialized = False
-
-
-def backend_init() -> None:
-    """``llama_backend_init`` once per process, with our log sink installed first."""
-    global _initialized
-    with _init_lock:
-        if not _initialized:
-            LLAMA_LOG.install()
-            llama.llama_backend_init()
-            _initialized = True
-
-
-# --- log capture ---------------------------------------------------------------------------------
-LEVEL_NAMES = {1: "DEBUG", 2: "INFO", 3: "WARN", 4: "ERROR"}
-GGML_LOG_LEVEL_CONT = 5
-
-
-@dataclass(frozen=True)
-class LogLine:
-    level: str  # DEBUG / INFO / WARN / ERROR
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
-
-
-class LlamaLog:
-    """Receives every llama.cpp / ggml log line; keeps the recent ones and feeds active captures.
-
-    Lines go to the ``gguf_mtp.llama`` Python logger at DEBUG (the CLI's ``-v`` shows them), so a library user
-    sees nothing unless they ask; failures quote the relevant lines in their exception instead.
-    """
-
-    def __init__(self, keep: int = 4000) -> None:
-        self.recent: deque[LogLine] = deque(maxlen=keep)
-        self._captures: list[list[LogLine]] = []
-        self._partial = ""
-        self._level = 2
-        self._lock = threading.Lock()
-        self._callback = llama.llama_log_callback(self._on_log)  # must outlive the process' use of it
-
-    def install(self) -> None:
-        llama.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        if level != GGML_LOG_LEVEL_CONT:
-            self._level = level
-        with self._lock:
-            self._partial += text.decode("utf-8", errors="replace")
-            while "\n" in self._partial:
-                line, self._partial = self._partial.split("\n", 1)
-                self._emit(LogLine(LEVEL_NAMES.get(self._level, "INFO"), line))
-
-    def _emit(self, line: LogLine) -> None:
-        self.recent.append(line)
-        for cap in self._captures:
-            cap.append(line)
-        log.debug("%s", line.text)
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[list[LogLine]]:
-        """Collect the lines llama.cpp logs inside the block (re-installing the sink: the callback is global)."""
-        self.install()
-        lines: list[LogLine] = []
-        with self._lock:
-            self._captures.append(lines)
-        try:
-            yield lines
-        finally:
-            with self._lock:
-                self._captures.remove(lines)
-
-
-LLAMA_LOG = LlamaLog()
-
-
-def error_lines(lines: Sequence[LogLine], limit: int = 3) -> str:
-    """The last few ERROR lines (else WARN lines), joined for an exception message."""
-    for level in ("ERROR", "WARN"):
-        bad = [ln.text.strip() for ln in lines if ln.level == level and ln.text.strip()]
-        if bad:
-            return "; ".join(bad[-limit:])
-    return ""
 
 
 # --- tensor buffer-type overrides ----------------------------------------------------------------

@@ -22,8 +22,9 @@ import numpy as np
 from .. import pairing
 from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
-from .bindings import FLASH_ATTN_IDS, KV_TYPE_IDS, LLAMA_LOG, Batch, BuftOverrides, LogLine, error_lines
-from .bindings import backend_init, llama, llama_ext
+from ..llama_ext import LLAMA_LOG, LogLine, error_lines
+from ..llama_ext import llama as backend_init
+from .bindings import FLASH_ATTN_IDS, KV_TYPE_IDS, Batch, BuftOverrides, llama, llama_ext
 
 log = logging.getLogger("gguf_mtp.runtime")
 

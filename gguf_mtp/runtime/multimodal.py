@@ -26,7 +26,9 @@ from pathlib import Path
 from .. import pairing
 from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
-from .bindings import FLASH_ATTN_IDS, LLAMA_LOG, backend_init, error_lines, llama
+from ..llama_ext import LLAMA_LOG, error_lines
+from ..llama_ext import llama as backend_init
+from .bindings import FLASH_ATTN_IDS, llama
 from .engine import Engine
 
 log = logging.getLogger("gguf_mtp.runtime")
@@ -93,7 +95,7 @@ class Projector:
         pairing.require_compatible(pairing.facts_from_gguf(engine.target_path), None, pairing.facts_from_gguf(path))
         mt = _mtmd()
         backend_init()
-        mt.mtmd_helper_log_set(LLAMA_LOG._callback, None)  # libmtmd's log joins llama.cpp's (quiet unless -v)
+        mt.mtmd_helper_log_set(LLAMA_LOG.callback, None)  # libmtmd's log joins llama.cpp's (quiet unless -v)
         params = mt.mtmd_context_params_default()
         params.use_gpu = settings.mmproj_on_gpu
         params.print_timings = False

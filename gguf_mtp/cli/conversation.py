@@ -1,0 +1,233 @@
+"""chat: a multi-turn REPL over the speculative loop (gguf_mtp/runtime/chat.py, multimodal.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import click
+
+from ..errors import GgufMtpError
+from .common import console, decode_options, err_console, log_to_stderr, print_table, runtime_options, runtime_settings
+
+CHAT_COMMANDS = "/image PATH (attach to your next message), /reset, /stats, /exit"
+
+
+def _chat_status(s: Any, seconds: float) -> str:
+    rate = s.tokens / seconds if seconds > 0 else 0.0
+    drafts = (f"drafts kept {s.accepted}/{s.proposed} ({100 * s.acceptance_rate:.0f}%)" if s.proposed
+              else "no drafts")
+    return f"{s.tokens} tokens, {rate:.1f} tok/s, {drafts}"
+
+
+def _chat_summary(reply: Any) -> str:
+    s = reply.stats
+    image = f", {reply.image_tokens} image tokens encoded" if reply.image_tokens else ""
+    return (f"[{_chat_status(s, s.generate_time)}, {s.mean_accepted_length:.2f} tokens/round; prompt "
+            f"{reply.prompt_tokens} tokens: {s.prefill_tokens} read, {s.reused_tokens} cached{image}; "
+            f"stop: {s.stop_reason}]")
+
+
+class _ChatView:
+    """The reply as it streams. On a terminal: a rich Live region (the reply's last screenful and a live status
+    line), replaced by the whole reply when the turn ends; elsewhere plain text as it comes."""
+
+    def __init__(self, session: Any, hide_thoughts: bool) -> None:
+        from rich.text import Text
+
+        self.session, self.hide = session, hide_thoughts
+        self.live_mode = console.is_terminal
+        self.text = Text()
+        self.t0: float | None = None
+        self.live = None
+        self.thinking = False
+
+    def __enter__(self) -> _ChatView:
+        if self.live_mode:
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=console, transient=True, refresh_per_second=8)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            console.print(self.text, soft_wrap=True)
+        elif self.text:
+            click.echo("")
+
+    def _render(self) -> Any:
+        import time
+
+        from rich.console import Group
+        from rich.text import Text
+
+        width, height = console.size
+        lines, start = 0, len(self.text.plain)
+        for line in reversed(self.text.plain.split("\n")):  # keep the last screenful
+            lines += max(1, -(-len(line) // max(1, width)))
+            if lines > max(1, height - 2):
+                break
+            start -= len(line) + 1
+        seconds = time.perf_counter() - self.t0 if self.t0 else 0.0
+        status = Text(_chat_status(self.session.stats, seconds), style="dim")
+        return Group(self.text[max(0, start):], status)
+
+    def piece(self, text: str, thought: bool) -> None:
+        import time
+
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        if thought and self.hide:
+            return
+        if self.thinking and not thought:  # the answer starts on its own line
+            text = "\n" + text.lstrip("\n")
+        self.thinking = thought
+        self.text.append(text, style="dim" if thought else None)
+        if self.live is not None:
+            self.live.update(self._render())
+        else:
+            click.echo(text, nl=False)
+
+
+def _chat_turn(session: Any, text: str, image: Any, hide_thoughts: bool) -> None:
+    from ..runtime.chat import Notice, Reply, Text
+
+    reply = None
+    with _ChatView(session, hide_thoughts) as view:
+        events = session.send(text, image)
+        try:
+            for ev in events:
+                if isinstance(ev, Text):
+                    view.piece(ev.text, ev.thought)
+                elif isinstance(ev, Notice):
+                    click.echo(f"note: {ev.message}", err=True)
+                elif isinstance(ev, Reply):
+                    reply = ev
+        except KeyboardInterrupt:
+            events.close()  # the partial reply stays in the conversation
+            click.echo("\n(interrupted)", err=True)
+    if reply is not None:
+        err_console.print(_chat_summary(reply), style="dim", markup=False, highlight=False, soft_wrap=True)
+
+
+def _chat_stats(session: Any) -> None:
+    rows, total = [], [0] * 5
+    for i, s in enumerate(session.history, 1):
+        vals = [s.prefill_tokens, s.reused_tokens, s.tokens, s.proposed, s.accepted]
+        total = [a + b for a, b in zip(total, vals)]
+        rows.append([i, *vals[:3], f"{s.tokens_per_second:.1f}", *vals[3:5], f"{100 * s.acceptance_rate:.0f}%"])
+    rate = f"{100 * total[4] / total[3]:.0f}%" if total[3] else "0%"
+    rows.append(["all", *total[:3], "", *total[3:5], rate])
+    print_table("chat turns", ["turn", "prefill", "cached", "tokens", "tok/s", "drafted", "kept", "acceptance"],
+                rows)
+
+
+@click.command("chat")
+@click.option("--target", required=True, type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
+@click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
+@click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip), for images.")
+@click.option("--system", help="System prompt.")
+@click.option("--think", is_flag=True, help="Gemma 4 thinking mode (<|think|> in the system turn).")
+@click.option("--hide-thoughts", is_flag=True, help="Do not show the thinking part of replies.")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="An image for the first message "
+              "(needs --mmproj; later: /image PATH).")
+@click.option("-n", "--max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per reply at most.")
+@decode_options
+@click.option("--allow-no-drafter", is_flag=True, help="Go on without the drafter if it cannot be loaded.")
+@runtime_options
+@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr.")
+def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, max_tokens, temp, top_k, top_p,
+             min_p, seed, accept, draft_max, adaptive, draft_cap, allow_no_drafter, verbose, **runtime) -> None:
+    """Chat with TARGET (+ MTP DRAFTER, + vision projector) in a REPL reading stdin line by line.
+
+    The conversation is rendered with the GGUF's chat template each turn and the KV cache is reused, so a turn
+    reads only what is new; when the context fills, the oldest turns after the system prompt are dropped.
+    Commands: /image PATH (attach to your next message), /reset, /stats, /exit.
+
+    \b
+    Examples:
+      gguf-mtp chat --target t.gguf --drafter d.gguf --system "Be brief." --think
+      gguf-mtp chat --target t.gguf --drafter d.gguf --mmproj m.gguf --image cat.png --plan plan.json
+      printf 'hi\\n/stats\\n' | gguf-mtp chat --target t.gguf --drafter d.gguf -n 64
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from ..pairing import facts_from_gguf, require_compatible
+    from ..runtime.chat import ChatSession
+    from ..runtime.engine import Engine
+    from ..runtime.multimodal import Projector
+    from ..runtime.sampling import SamplingParams
+
+    if draft_max is not None and (adaptive or draft_cap is not None):
+        raise GgufMtpError("--draft-max fixes the draft length; drop --adaptive/--draft-cap")
+    if image_path is not None and mmproj is None:
+        raise GgufMtpError("--image needs a vision projector: add --mmproj FILE")
+    if image_path is not None and not Path(image_path).is_file():
+        raise GgufMtpError(f"image {image_path} does not exist")
+    settings = runtime_settings(**runtime)
+    if draft_max is not None:
+        settings = settings.replace(draft_max=draft_max)
+    elif adaptive or draft_cap is not None:
+        settings = dataclasses.replace(settings, draft_max=None, draft_cap=draft_cap or settings.draft_cap)
+    if mmproj is not None:  # the whole set, before any weights load
+        require_compatible(facts_from_gguf(target), facts_from_gguf(drafter) if drafter else None,
+                           facts_from_gguf(mmproj))
+    stdin = sys.stdin
+    interactive = stdin.isatty()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(log_to_stderr(verbose))
+        eng = stack.enter_context(Engine.load(target, drafter, settings, allow_no_drafter=allow_no_drafter))
+        proj = stack.enter_context(Projector.load(mmproj, eng)) if mmproj else None
+        session = ChatSession(eng, projector=proj, system=system, think=think,
+                              sampling=SamplingParams(temp, top_k, top_p, min_p, seed), accept=accept,
+                              max_tokens=max_tokens)
+        stack.callback(session.close)
+        pending = proj.load_image(image_path) if image_path else None
+        if interactive:
+            what = "MTP drafter" if eng.has_drafter else "no drafter"
+            err_console.print(f"[dim]{Path(target).name} ({what}{', vision' if proj else ''}), context "
+                              f"{eng.n_ctx}. Commands: {CHAT_COMMANDS}. Ctrl-D quits.[/dim]", highlight=False)
+        while True:
+            if interactive:
+                console.print("[bold]>[/bold] ", end="")
+            try:
+                line = stdin.readline()
+            except KeyboardInterrupt:
+                break
+            if not line:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                if text.startswith("/"):
+                    cmd, _, arg = text.partition(" ")
+                    if cmd in ("/exit", "/quit"):
+                        break
+                    if cmd == "/reset":
+                        session.reset()
+                        click.echo("(conversation cleared)", err=True)
+                    elif cmd == "/stats":
+                        _chat_stats(session)
+                    elif cmd == "/image":
+                        if proj is None:
+                            raise GgufMtpError("/image needs a vision projector: restart with --mmproj FILE")
+                        if not arg.strip():
+                            raise GgufMtpError("/image: expected a file name")
+                        pending = proj.load_image(arg.strip())
+                        click.echo(f"(image {pending.source}, {pending.width}x{pending.height}: it goes with your "
+                                   f"next message)", err=True)
+                    else:
+                        raise GgufMtpError(f"unknown command {cmd}; commands: {CHAT_COMMANDS}")
+                    continue
+                image, pending = pending, None
+                _chat_turn(session, text, image, hide_thoughts)
+            except GgufMtpError as e:
+                if not interactive:
+                    raise
+                click.echo(f"error: {e}", err=True)
