@@ -103,3 +103,19 @@ def test_one_slow_plain_step_does_not_lock_in_drafting():
         stall = 50.0 if r == 60 else 0.0
         chooser.observe(k, 0, 0.5 * k, 1.0 + 0.1 * k + stall)  # useless drafts; one stalled round
     assert ks[-40:].count(0) >= 34
+
+
+def test_a_stalled_measurement_does_not_rule_a_draft_length_out():
+    """Measured costs where every k up to the cap pays; the first round at k=4 stalls. Exploring the best k's
+    neighbours re-measures it, and the chooser still climbs to the cap (without that it stays at 3 for good)."""
+    chooser = AdaptiveK(8)
+    ks: list[int] = []
+    stalled = False
+    for _ in range(300):
+        k = chooser.choose(100)
+        ks.append(k)
+        stall = 50.0 if k == 4 and not stalled else 0.0
+        stalled = stalled or k == 4
+        chooser.observe(k, k, 0.05 * k, 1.0 + 0.05 * (k + 1) + stall)  # every draft kept
+    assert stalled
+    assert ks[-40:].count(8) >= 36, ks[-40:]

@@ -17,6 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 START_K = 3  # llama.cpp's default draft length: where to begin before anything is measured
 RECHECK_ZERO = 4  # while not drafting, re-run the choice every 4th round (only step costs change meanwhile)
+EXPLORE_EVERY = 8  # with measured costs, every 8th drafting round tries a neighbour of the best k (above, then
+# below): costs are the minimum of recent measurements of each k, so one stalled measurement of k+1 would rule
+# it out for good if it were never measured again; near the best k the rate is flat, so a neighbour costs little
 
 
 def expected_tokens(accept: Sequence[float], k: int) -> float:
@@ -116,7 +119,8 @@ class AdaptiveK:
 
     ``t_draft`` / ``t_verify`` fix the costs instead of measuring them (tests, or a plan that knows them).
     After ``probe_every`` rounds at k=0 it drafts one token to notice when drafts start to agree again; each
-    probe that fails doubles the wait (up to 16x), a kept draft resets it.
+    probe that fails doubles the wait (up to 16x), a kept draft resets it. With measured costs, every
+    ``EXPLORE_EVERY``-th drafting round tries a neighbour of the best k to keep the costs around it measured.
     """
 
     def __init__(self, cap: int, *, decay: float = 0.95, prior: tuple[float, float] = (1.0, 1.0),
@@ -135,6 +139,7 @@ class AdaptiveK:
         self.zero_run = 0
         self.probe_gap = probe_every
         self.probing = False
+        self.drafting = 0  # drafting rounds chosen (EXPLORE_EVERY)
 
     def acceptance(self) -> list[float]:
         """Estimated a_i per position; untried positions inherit the deepest tried one's estimate."""
@@ -169,8 +174,12 @@ class AdaptiveK:
                 self.zero_run = 0
                 self.probing = True
                 return 1
-        else:
-            self.zero_run = 0
+            return 0
+        self.zero_run = 0
+        if self.fixed_draft is None and self.t_verify.fixed is None:
+            self.drafting += 1
+            if self.drafting % EXPLORE_EVERY == 0:
+                k = min(max(k + (1 if self.drafting // EXPLORE_EVERY % 2 else -1), 1), cap)
         return k
 
     def observe(self, k: int, kept: int, draft_time: float, verify_time: float) -> None:
