@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from docsection import write_section  # noqa: E402
 
-from gguf_mtp.bench import TRAINED_PAIR, heldout_prompts, run_bench, teacher_forced_acceptance  # noqa: E402
+from gguf_mtp.bench import TRAINED_PAIR, heldout_acceptance, heldout_prompts, run_bench  # noqa: E402
 from gguf_mtp.export import convert  # noqa: E402
 from gguf_mtp.quantize import quantize  # noqa: E402
 from gguf_mtp.runtime.engine import Engine  # noqa: E402
@@ -54,30 +54,29 @@ def files(workdir: Path) -> dict[tuple[str, str], Path]:
     return out
 
 
-def fallback_share(path: Path) -> str:
-    """Bits per weight of a file's tensors (the trained drafter's 128-wide rows cannot hold k-quants)."""
+def bits_per_weight(path: Path) -> str:
+    """Bits per weight of a file's tensors (the drafter's 128-wide rows cannot hold k-quant blocks)."""
     from gguf_mtp.inspect import inspect_gguf
 
     ins = inspect_gguf(path)
     return f"{ins.bits_per_weight:.2f}"
 
 
-def quant_matrix(f: dict, tokens_text: str, n_tokens: int, n_gen: int) -> list[dict]:
+def quant_matrix(f: dict, text: str, windows: int, n_gen: int) -> list[dict]:
     rows = []
     prompts = heldout_prompts(4)
     for tq in TYPES:
         for dq in TYPES:
             with Engine.load(f[("target", tq)], f[("drafter", dq)], SETTINGS, k_max=3) as eng:
-                tokens = eng.tokenize(tokens_text)[:n_tokens]
-                s = teacher_forced_acceptance(eng, tokens, k=3)
+                s = heldout_acceptance(eng, text, k=3, windows=windows)
             g = run_bench(f[("target", tq)], f[("drafter", dq)], prompts, max_tokens=n_gen, ks=(3,),
                           adaptive=False, settings=SETTINGS).mode("k=3")
             rows.append({"target": tq, "drafter": dq, "heldout": s.acceptance_rate,
                          "heldout_by_position": [a / p for a, p in zip(s.accepted_by_position,
                                                                        s.proposed_by_position)],
                          "generation": g.acceptance, "generation_by_position": g.acceptance_by_position,
-                         "drafter_bpw": fallback_share(f[("drafter", dq)]),
-                         "target_bpw": fallback_share(f[("target", tq)])})
+                         "drafter_bpw": bits_per_weight(f[("drafter", dq)]),
+                         "target_bpw": bits_per_weight(f[("target", tq)])})
             print(f"target {tq:<7} drafter {dq:<7} held-out {s.acceptance_rate:.3f} "
                   f"{[round(a, 3) for a in rows[-1]['heldout_by_position']]}  generation {g.acceptance:.3f}")
     return rows
@@ -102,9 +101,10 @@ def sampling_rows(f: dict, n_gen: int, seeds: int) -> list[dict]:
     return rows
 
 
-def quant_markdown(rows: list[dict], n_tokens: int, n_gen: int) -> str:
+def quant_markdown(rows: list[dict], windows: int, n_gen: int) -> str:
     lines = [
-        f"Trained pair, k = 3, greedy: acceptance teacher-forced on {n_tokens} tokens of held-out text, and in "
+        f"Trained pair, k = 3, greedy: acceptance teacher-forced on held-out text ({windows} windows of 256 tokens "
+        f"spread over heldout.txt, `bench.heldout_acceptance`), and in "
         f"generation (4 held-out prompts x {n_gen} tokens); by draft position in brackets. bpw: bits per weight "
         "of the file (the drafter's 128-wide rows cannot hold 256-blocks: llama.cpp stores those Q4_K tensors as "
         "Q5_0).",
@@ -138,7 +138,7 @@ def sampling_markdown(rows: list[dict], n_gen: int, seeds: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / ".work" / "bench-trained")
-    ap.add_argument("--heldout-tokens", type=int, default=600)
+    ap.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens")
     ap.add_argument("-n", "--tokens", type=int, default=128)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--write-docs", action="store_true")
@@ -146,10 +146,10 @@ def main() -> int:
 
     f = files(args.workdir)
     text = (TRAINED_PAIR / "heldout.txt").read_text(encoding="utf-8")
-    quant = quant_matrix(f, text, args.heldout_tokens, args.tokens)
+    quant = quant_matrix(f, text, args.windows, args.tokens)
     sampling = sampling_rows(f, args.tokens, args.seeds)
     if args.write_docs:
-        q = quant_markdown(quant, args.heldout_tokens, args.tokens)
+        q = quant_markdown(quant, args.windows, args.tokens)
         write_section(ROOT / "docs" / "quantize.md", "quantize-pair-acceptance", q)
         write_section(ROOT / "docs" / "bench.md", "trained-pair", q + "\n\n" + sampling_markdown(sampling, args.tokens,
                                                                                                    args.seeds))

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The planner against a real CUDA device: plans compared with llama.cpp's per-device accounting and with the
+# The planner against a real CUDA device, and MTP's speed on it: plans compared with llama.cpp's per-device accounting and with the
 # device's own free-memory readings, on full-size sparse skeletons (their data reads as zeros).
 #
 #   bench/gpu_check.sh build   # CUDA build of llama-cpp-python 0.3.36's llama.cpp into .work/gpu-check (~6-9 min)
 #   bench/gpu_check.sh check   # the comparisons (~3-5 min); prints one table, exits 1 if an item is off
-#   bench/gpu_check.sh         # both
+#   bench/gpu_check.sh speed   # tokens/s with and without MTP, all layers on the GPU (~2 min): the speed pair
+#                              # (tools/make_speed_pair.py) through `gguf-mtp bench --json`, into $WORK/speed.json
+#   bench/gpu_check.sh         # all three
 #
 # Sized for one H100/H200-class GPU (sm_90) and 15 minutes in all. Offline-safe: the llama.cpp sources come from
 # the llama-cpp-python sdist already on this machine ($SDIST, .work/sdist/, ~/.cache/gguf-mtp/sdist/ or
@@ -201,9 +203,29 @@ sys.exit(1 if bad else 0)
 PY
 }
 
+step_speed() {
+    have_cuda_build || { log "no CUDA build in $SITE: run '$0 build' first"; return 1; }
+    local pair="$WORK/speed-pair"
+    [ -f "$pair/drafter-F16.gguf" ] || "$PY" "$REPO/tools/make_speed_pair.py" "$pair" >&2
+    log "tokens/s: the target alone vs MTP k=1..4 and adaptive, every layer on the GPU"
+    LD_LIBRARY_PATH="$SITE/llama_cpp/lib:${LD_LIBRARY_PATH:-}" PYTHONPATH="$SITE:$REPO" \
+        "$PY" -m gguf_mtp bench --target "$pair/target-F16.gguf" --drafter "$pair/drafter-F16.gguf" -n 256 \
+        --repeats 2 --oracle --n-gpu-layers -1 --ctx 2048 --json > "$WORK/speed.json"
+    "$PY" - "$WORK/speed.json" <<'PY'
+import json
+import sys
+
+r = json.load(open(sys.argv[1]))
+print(f"\n{'mode':18} {'tokens/s':>9} {'vs target':>10} {'acceptance':>11}")
+for m in r["modes"]:
+    print(f"{m['mode']:18} {m['tokens_per_second']:9.1f} {m['speedup']:9.2f}x {m['acceptance']:11.2f}")
+PY
+}
+
 case "${1:-all}" in
     build) step_build ;;
     check) step_check ;;
-    all) step_build && step_check ;;
-    *) echo "usage: $0 [build|check|all]" >&2; exit 2 ;;
+    speed) step_speed ;;
+    all) step_build && step_check && step_speed ;;
+    *) echo "usage: $0 [build|check|speed|all]" >&2; exit 2 ;;
 esac

@@ -206,11 +206,13 @@ def run_bench(
 
         modes: list[tuple[ModeResult, Run]] = [(ModeResult("target", 0), run_with(lambda: FixedK(0)))]
         modes += [(ModeResult(f"k={k}", k), run_with(lambda k=k: FixedK(k))) for k in ks]
-        if adaptive:
-            modes.append((ModeResult("adaptive", None), run_with(lambda: AdaptiveK(ADAPTIVE_CAP))))
+        if adaptive:  # one chooser for the run: it keeps what it learns across prompts, as across a chat's turns
+            learned = AdaptiveK(ADAPTIVE_CAP)
+            modes.append((ModeResult("adaptive", None), run_with(lambda: learned)))
         if oracle:
             modes += [(ModeResult(f"oracle k={k}", k), run_with(lambda k=k: FixedK(k), replay=True)) for k in ks]
-            modes.append((ModeResult("oracle adaptive", None), run_with(lambda: AdaptiveK(ADAPTIVE_CAP), replay=True)))
+            oracle_learned = AdaptiveK(ADAPTIVE_CAP)
+            modes.append((ModeResult("oracle adaptive", None), run_with(lambda: oracle_learned, replay=True)))
 
         for result, run in modes:  # warm-up: fault the weights in, let llama.cpp build its graphs
             if not result.mode.startswith("oracle"):
@@ -269,6 +271,27 @@ def teacher_forced_acceptance(engine: Any, tokens: Sequence[int], k: int = 3, st
     engine.truncate(0)
     stats.accepted = sum(stats.accepted_by_position)  # record_round counts by position; the loop counts emitted
     return stats
+
+
+def heldout_acceptance(engine: Any, text: str, k: int = 3, windows: int = 8, window: int = 256) -> Any:
+    """``teacher_forced_acceptance`` over ``windows`` windows of ``window`` tokens spread evenly over ``text``
+    (each starts with BOS), counts summed: the whole text is represented, not just its beginning."""
+    tokens = engine.tokenize(text, add_special=False)
+    if len(tokens) < window:
+        raise GgufMtpError(f"the text has {len(tokens)} tokens, a window needs {window}")
+    total = None
+    for i in range(windows):
+        start = (len(tokens) - window + 1) * i // max(windows - 1, 1)
+        s = teacher_forced_acceptance(engine, [engine.bos, *tokens[start:start + window - 1]], k)
+        if total is None:
+            total = s
+            continue
+        total.rounds += s.rounds
+        total.proposed += s.proposed
+        total.accepted += s.accepted
+        total.proposed_by_position = [a + b for a, b in zip(total.proposed_by_position, s.proposed_by_position)]
+        total.accepted_by_position = [a + b for a, b in zip(total.accepted_by_position, s.accepted_by_position)]
+    return total
 
 
 def table_rows(result: BenchResult) -> list[list[str]]:

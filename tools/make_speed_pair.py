@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the speed pair: a ~130M-parameter Gemma 4 target and an MTP drafter that agrees with it (not shipped).
 
-    python tools/make_speed_pair.py OUTDIR [--damping 0.05] [--force]
+    python tools/make_speed_pair.py OUTDIR [--damping 0.04] [--force]
 
 At a few MB (the trained pair) llama.cpp's per-call overhead is most of a decoding step, so speculation cannot
 show what it does for a real model. This pair has the shape where it pays on a CPU (shared notes, mtp-loop.md
@@ -17,8 +17,9 @@ trained:
   drafter's own embedding of f(token) (a least-squares solve, exact for all 512 tokens, the hidden-state half is
   zero), its layers add nothing (post-norm gains 0), its final norm gains are 1, so its tied head picks f(token).
 
-So drafts are kept wherever the target's layers do not overturn f: ~90-100% for a small ``damping`` (bench/
-reports the measured rate). Writes OUTDIR/hf/{target,drafter} (bf16 safetensors) and OUTDIR/target-F16.gguf,
+So drafts are kept wherever the target's layers do not overturn f. Measured on 3 prompts x 128 tokens, by draft
+position: damping 0.03 -> ~0.95 everywhere, 0.04 (the default) -> 0.90 / 0.81 / 0.80 / 0.77, 0.05 -> 0.84 / 0.56 /
+0.56 / 0.55; 0.01 keeps every draft. The default is in the range real MTP drafters reach on code. Writes OUTDIR/hf/{target,drafter} (bf16 safetensors) and OUTDIR/target-F16.gguf,
 OUTDIR/drafter-F16.gguf (our converter).
 """
 
@@ -87,7 +88,7 @@ def shaper(damping: float):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outdir", type=Path)
-    ap.add_argument("--damping", type=float, default=0.05, help="target layer-output scale (0: drafts always kept)")
+    ap.add_argument("--damping", type=float, default=0.04, help="target layer-output scale (0: drafts always kept)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="replace OUTDIR's files")
     args = ap.parse_args()

@@ -1,8 +1,8 @@
 """Train the small Gemma 4 pair shipped in gguf_mtp/data/trained-pair (dev-only: needs torch + transformers).
 
-    nice -n 10 python tools/train_tiny_pair.py                   # the whole run, ~20 minutes on 2 busy cores
+    nice -n 10 python tools/train_tiny_pair.py                   # the whole run, ~50 minutes on 2 cores
     python tools/train_tiny_pair.py target_steps=20 drafter_steps=10 out_dir=/tmp/pair   # a smoke run
-    python tools/train_tiny_pair.py reuse_target=True            # keep work_dir's target, retrain the drafter
+    python tools/train_tiny_pair.py reuse_target=True            # keep work_dir's target, retrain the drafter (~20 min)
 
 Any config value below can be overridden as key=value (nanoGPT's habit). The script reads top to bottom:
 corpus -> tokenizer -> token stream -> target (a Gemma 4 text model, trained from scratch, then fine-tuned with
@@ -21,8 +21,9 @@ llama.cpp's draft-mtp): the target is frozen; at every position t the drafter re
 state h_t (post final norm) and the target's embedding of token t+1, at position t+1, attending to the target's
 K/V of positions <= t (its last sliding and last full layer; on sliding layers only the last W-1 positions, as
 llama.cpp's drafter does). Step j predicts the target's next-token distribution at position t+j (distillation:
-cross-entropy against the target's softmax); step j+1 reads the token at t+j+1 and step j's post_projection
-output as its hidden state, at the same position t+1.
+cross-entropy against the target's softmax); step j+1 reads step j's post_projection output as its hidden state,
+at the same position t+1, and the token a kept draft j would be: the target's own greedy token there, not the
+text's (``greedy_deep``; its labels come from the target run over that greedy branch, batched with tree masks).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import reference  # noqa: E402  (tests/reference.py: applies the transformers fixes in patches/transformers)
 from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4ForCausalLM  # noqa: E402
-from transformers import Gemma4TextConfig  # noqa: E402
+from transformers import DynamicCache, Gemma4TextConfig  # noqa: E402
 
 from gguf_mtp import bench  # noqa: E402
 from gguf_mtp.tiny import configs, tokenizer, weights  # noqa: E402
@@ -56,7 +57,8 @@ from gguf_mtp.tiny.configs import F as FULL, S as SLIDING  # noqa: E402
 # config
 out_dir = str(REPO / "gguf_mtp" / "data" / "trained-pair")  # the shipped pair: target/, drafter/, heldout.txt
 work_dir = str(REPO / ".work" / "train-pair")  # the trained target between runs (reuse_target)
-reuse_target = False  # True: load work_dir/target instead of training it again
+reuse_target = False  # True: load work_dir/target-final (else work_dir/target) instead of training it again
+readme_only = False  # True: only rewrite out_dir/README.md from out_dir/training.json
 seed = 1337
 threads = 2  # torch threads; the dev machine is 2 shared cores
 # corpus
@@ -78,7 +80,7 @@ sliding_window = 128
 # target's: llama.cpp tells a drafter's input and output widths apart by size
 drafter_hidden = 128
 drafter_intermediate = 512
-drafter_layer_types = [SLIDING, FULL]
+drafter_layer_types = [SLIDING, SLIDING, SLIDING, FULL]  # as Gemma 4's drafters
 drafter_heads = 4
 num_assistant_tokens = 3  # generation_config.json: transformers' draft length for this drafter
 # target training
@@ -100,10 +102,12 @@ seq_ul_prefix = 64  # training-text tokens the target continues greedily ...
 seq_ul_continuation = 64  # ... for this many tokens
 seq_ul_ngram = 4  # tokens of a repeated 4-gram in its continuation are pushed down
 # drafter training
-drafter_steps = 600
+drafter_steps = 1000
 drafter_batch = 8
 drafter_lr = 1e-2
 depth = 3  # draft steps trained per position (MTP depth; later steps reuse the same weights)
+greedy_deep = True  # steps after the first read the target's own greedy tokens, as kept drafts are at run time;
+# False: they read the text's tokens (cheaper: no branch forwards, but not what the drafter sees when it runs)
 # logging
 log_every = 20
 eval_windows = 16  # held-out windows for the loss printed every log_every steps
@@ -128,6 +132,59 @@ report: dict = {"python": platform.python_version(), "torch": torch.__version__,
 
 def log(msg: str) -> None:
     print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+
+def readme(r: dict) -> str:
+    """gguf_mtp/data/trained-pair/README.md from the run's report (training.json) and the config above."""
+    tt, dt, c = r["target_training"], r["drafter_training"], r["corpus"]
+    ul = f" plus token-level unlikelihood (weight {unlikelihood})" if unlikelihood else ""
+    samples = "\n".join(f"- `{p!r}` -> `{c!r}`" for p, c in r["samples"].items())
+    deep = ("steps after the first reading the target's own greedy tokens" if r["drafter_training"].get("greedy_deep")
+            else "every step reading the text's tokens")
+    return f"""# The trained pair (written by tools/train_tiny_pair.py: do not edit)
+
+A small Gemma 4 target and its MTP drafter, trained on a 2-core CPU, for `gguf-mtp demo` and the tests
+(tests/test_trained_pair.py). Hugging Face layout, f16 safetensors; the GGUFs are built from it by our converter
+at run time.
+
+- target/: Gemma4ForCausalLM, {r['parameters']['target']:,} parameters: hidden {hidden}, intermediate {intermediate},
+  layers {' '.join(t[:1].upper() for t in layer_types)}, {heads} heads ({kv_heads} KV heads), head dims {head_dim} /
+  {global_head_dim}, sliding window {sliding_window}, vocabulary {vocab_size}, tied embeddings.
+- drafter/: Gemma4AssistantForCausalLM, {r['parameters']['drafter']:,} parameters: hidden {drafter_hidden},
+  layers {' '.join(t[:1].upper() for t in drafter_layer_types)}, reading the target's last sliding and full layer;
+  generation_config.json num_assistant_tokens {num_assistant_tokens}.
+- tokenizer: BPE with byte fallback and Gemma 4's control tokens at their ids (gguf_mtp.tiny.tokenizer),
+  {vocab_size} pieces learned on the training text ({r['tokens']['chars_per_token']} characters per token).
+- heldout.txt: the start of each held-out module (never trained on), {c['heldout_shipped_chars']:,} characters.
+- training.json: everything the run measured.
+
+Corpus: CPython {r['python']}'s standard library, top-level modules (`Lib/*.py`): {c['train_modules']} modules
+({c['train_chars']:,} characters, {r['tokens']['train']:,} tokens) for training; every {heldout_every}th module
+held out ({', '.join(c['heldout_modules'])}).
+
+Training (torch {r['torch']}, {threads} threads). The target: {tt['steps']} steps of {tt['batch']} x {tt['block']}
+tokens ({tt['seconds']} s), next-token cross-entropy{ul}; then {r['seq_ul']['steps']} steps alternating
+sequence-level unlikelihood on its own greedy continuations with next-token training ({r['seq_ul']['seconds']} s):
+greedy tokens in repeated {seq_ul_ngram}-grams (16 held-out prefixes x {seq_ul_continuation} tokens)
+{r['before_seq_ul']['repetition']:.0%} -> {r['seq_ul']['repetition']:.0%}, held-out loss
+{r['before_seq_ul']['heldout_loss']} -> {r['target_heldout_loss']} nats/token. The drafter: {dt['steps']} steps of
+{dt['batch']} x {block}-token windows against the frozen target, {dt['depth']} draft steps deep at one position,
+{deep} ({dt['seconds']} s); agreement with the target's argmax on the last training windows, by
+depth: {' / '.join(f'{m:.3f}' for m in r.get('drafter_match_by_depth', []))}.
+
+Greedy continuations of held-out prompts by the target:
+
+{samples}
+
+License: the training text and heldout.txt come from CPython's `Lib/`, Copyright (c) 2001-2024 Python Software
+Foundation; All Rights Reserved, distributed under the PSF License Agreement version 2
+(https://docs.python.org/3/license.html). The weights are derived from that text.
+"""
+
+
+if readme_only:  # rewrite README.md from an earlier run's training.json
+    (out / "README.md").write_text(readme(json.loads((out / "training.json").read_text())), encoding="utf-8")
+    sys.exit(0)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -269,8 +326,13 @@ def init_for_training(text_model: torch.nn.Module) -> None:
             layer.post_feedforward_layernorm.weight.fill_((2 * len(layers)) ** -0.5)
 
 
-done = work / "target" / "training.json"  # written when target training completes
-if reuse_target and done.exists():
+done = work / "target" / "training.json"  # written when part 1 completes
+final = work / "target-final"  # the target after part 2, with what the run measured of it (report.json)
+if reuse_target and (final / "report.json").exists():
+    target = reference.load_model(final)
+    report.update(json.loads((final / "report.json").read_text()))
+    log(f"target: reused {final} after both parts ({n_params(target):,} parameters)")
+elif reuse_target and done.exists():
     target = reference.load_model(work / "target")
     report["target_training"] = json.loads(done.read_text())
     log(f"target: reused {work / 'target'} ({n_params(target):,} parameters)")
@@ -343,35 +405,43 @@ def repetition(model: Gemma4ForCausalLM) -> float:
     return float(repeats(seq, seq_ul_prefix)[:, seq_ul_prefix:].float().mean())
 
 
-report["before_seq_ul"] = {"heldout_loss": round(heldout_loss(target), 3), "repetition": round(repetition(target), 3)}
-log(f"sequence-level unlikelihood: {seq_ul_steps} steps; before: held-out loss {report['before_seq_ul']['heldout_loss']}, "
-    f"{report['before_seq_ul']['repetition']:.0%} of greedy tokens in repeated {seq_ul_ngram}-grams")
-opt = optimizer(target, seq_ul_lr)
-t0 = time.time()
-for step in range(seq_ul_steps):
-    if step % 2 == 0:  # the target continues training text greedily; its repeated n-grams become less likely
-        target.eval()
-        seq = greedy_batch(target, windows(train_ids, batch)[:, :seq_ul_prefix], seq_ul_continuation)
-        target.train()
-        bad = repeats(seq, seq_ul_prefix)[:, 1:].float()
-        p = F.softmax(target(input_ids=seq).logits[:, :-1].float(), dim=-1)
-        p = p.gather(2, seq[:, 1:, None])[..., 0].clamp(max=1 - 1e-5)
-        loss = -(bad * torch.log1p(-p)).sum() / bad.sum().clamp(min=1.0)
-    else:
-        loss = target_loss(target, windows(train_ids, batch))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(target.parameters(), grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if (step + 1) % (5 * log_every) == 0 or step == seq_ul_steps - 1:
-        log(f"sequence-level unlikelihood step {step:4d}  held-out {heldout_loss(target):.3f}  repetition "
-            f"{repetition(target):.0%}  {(time.time() - t0) / (step + 1):.2f} s/step")
-target.eval()
-target.requires_grad_(False)
-report["target_heldout_loss"] = round(heldout_loss(target), 3)
-report["seq_ul"] = {"steps": seq_ul_steps, "seconds": round(time.time() - t0), "repetition": round(repetition(target), 3)}
+def sequence_unlikelihood() -> None:
+    """Part 2, in place on ``target``; its numbers go to the report."""
+    report["before_seq_ul"] = {"heldout_loss": round(heldout_loss(target), 3), "repetition": round(repetition(target), 3)}
+    log(f"sequence-level unlikelihood: {seq_ul_steps} steps; before: held-out loss {report['before_seq_ul']['heldout_loss']}, "
+        f"{report['before_seq_ul']['repetition']:.0%} of greedy tokens in repeated {seq_ul_ngram}-grams")
+    opt = optimizer(target, seq_ul_lr)
+    t0 = time.time()
+    for step in range(seq_ul_steps):
+        if step % 2 == 0:  # the target continues training text greedily; its repeated n-grams become less likely
+            target.eval()
+            seq = greedy_batch(target, windows(train_ids, batch)[:, :seq_ul_prefix], seq_ul_continuation)
+            target.train()
+            bad = repeats(seq, seq_ul_prefix)[:, 1:].float()
+            p = F.softmax(target(input_ids=seq).logits[:, :-1].float(), dim=-1)
+            p = p.gather(2, seq[:, 1:, None])[..., 0].clamp(max=1 - 1e-5)
+            loss = -(bad * torch.log1p(-p)).sum() / bad.sum().clamp(min=1.0)
+        else:
+            loss = target_loss(target, windows(train_ids, batch))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(target.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % (5 * log_every) == 0 or step == seq_ul_steps - 1:
+            log(f"sequence-level unlikelihood step {step:4d}  held-out {heldout_loss(target):.3f}  repetition "
+                f"{repetition(target):.0%}  {(time.time() - t0) / (step + 1):.2f} s/step")
+    report["target_heldout_loss"] = round(heldout_loss(target), 3)
+    report["seq_ul"] = {"steps": seq_ul_steps, "seconds": round(time.time() - t0), "repetition": round(repetition(target), 3)}
 
-report["samples"] = dict(zip(prompts, show_samples(target)))  # greedy: the quality check a reader can judge
+
+if "seq_ul" not in report:  # not reused
+    sequence_unlikelihood()
+    report["samples"] = dict(zip(prompts, show_samples(target)))  # greedy: the quality check a reader can judge
+    target.save_pretrained(final)
+    (final / "report.json").write_text(json.dumps({k: report[k] for k in (
+        "target_training", "before_seq_ul", "target_heldout_loss", "seq_ul", "samples")}, indent=2) + "\n")
+target.eval()
+target.requires_grad_(False)  # frozen: the drafter's loss reaches the target's embedding table
 
 # -----------------------------------------------------------------------------------------------------------
 # drafter: frozen target, several draft steps deep at one position
@@ -395,13 +465,55 @@ def draft_step(drafter, embed, tokens: torch.Tensor, h: torch.Tensor, kv, positi
     return drafter.lm_head(last), drafter.post_projection(last)
 
 
+def softcapped(hidden: torch.Tensor) -> torch.Tensor:
+    cap = target.config.final_logit_softcapping
+    return torch.tanh(target.lm_head(hidden) / cap) * cap
+
+
 @torch.no_grad()
 def target_states(x: torch.Tensor):
-    """The frozen target over x: post-norm hidden states, softcapped logits, the K/V the drafter reads."""
-    o = target.model(input_ids=x, use_cache=True, return_shared_kv_states=True)
-    logits = target.lm_head(o.last_hidden_state)
-    cap = target.config.final_logit_softcapping
-    return o.last_hidden_state, torch.tanh(logits / cap) * cap, dict(o.shared_kv_states)
+    """The frozen target over x: post-norm hidden states, softcapped logits, the K/V the drafter reads, and
+    its cache (every position of every layer: draft_targets' branches attend to it)."""
+    cache = DynamicCache()  # without the config: sliding layers keep all positions, not the last window
+    o = target.model(input_ids=x, past_key_values=cache, use_cache=True, return_shared_kv_states=True)
+    return o.last_hidden_state, softcapped(o.last_hidden_state), dict(o.shared_kv_states), cache
+
+
+def branch_masks(n: int, m: int, window: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Masks and positions for a text window followed by m branches of n tokens: branch i's token for query t
+    sits at position t+1+i and sees the text up to t+1 and the query's own earlier branch tokens (tree
+    attention); the text sees only itself."""
+    pos = torch.cat([torch.arange(block)] + [torch.arange(n) + 1 + i for i in range(1, m + 1)])
+    seen = torch.zeros(pos.numel(), pos.numel(), dtype=torch.bool)
+    seen[:block, :block] = torch.ones(block, block, dtype=torch.bool).tril()
+    t, text = torch.arange(n), torch.arange(block)
+    for i in range(1, m + 1):
+        rows = block + (i - 1) * n + t
+        seen[rows[:, None], text[None]] = text[None] <= t[:, None] + 1
+        for j in range(1, i + 1):
+            seen[rows, block + (j - 1) * n + t] = True
+    sliding = seen & (pos[None] > pos[:, None] - window)  # transformers' sliding rule
+    return {FULL: seen[None, None], SLIDING: sliding[None, None]}, pos[None]
+
+
+@torch.no_grad()
+def draft_targets(x: torch.Tensor, t_logits: torch.Tensor, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input tokens, target logits to learn) of draft steps 1..depth at every query t. Step 1 reads the text's
+    token t+1 and learns the target's distribution there. With greedy_deep, step j > 1 reads the target's greedy
+    token after step j-1 (what a kept draft is) and learns the target's distribution after it: branch j-1 of
+    branch_masks, run on the text's ``cache`` (which it extends). Checked against plain forwards below."""
+    steps = [(x[:, 1:1 + n_query], t_logits[:, 1:1 + n_query])]
+    for j in range(2, depth + 1):
+        if not greedy_deep:
+            steps.append((x[:, j:j + n_query], t_logits[:, j:j + n_query]))
+            continue
+        g = steps[-1][1].argmax(-1)
+        rows = slice(block + (j - 2) * n_query, block + (j - 1) * n_query)
+        hs = target.model(input_ids=g, attention_mask={k: m[..., rows, :rows.stop] for k, m in tree.items()},
+                          position_ids=tree_pos[:, rows].expand(x.shape[0], -1), past_key_values=cache,
+                          use_cache=True).last_hidden_state
+        steps.append((g, softcapped(hs)))
+    return steps
 
 
 drafter = Gemma4AssistantForCausalLM(Gemma4AssistantConfig.from_dict(configs.drafter_config(spec)))
@@ -410,17 +522,25 @@ embed = target.get_input_embeddings()  # scaled by sqrt(hidden), as llama.cpp's 
 n_query = block - depth
 masks = strict_causal_masks(n_query, block, sliding_window)
 positions = torch.arange(1, n_query + 1)[None]
+tree, tree_pos = branch_masks(n_query, depth - 1, sliding_window)
 
 # check the batched step against transformers' own one-query drafter step (tests/reference.py) before training
 with torch.no_grad():
     x = windows(held_ids, 1)
-    h, _, kv = target_states(x)
+    h, t_logits, kv, cache = target_states(x)
     logits, _ = draft_step(drafter, embed, x[:, 1:n_query + 1], h[:, :n_query], kv, positions, masks)
     q = n_query // 2 if n_query // 2 < sliding_window - 1 else sliding_window - 2
     one = reference.drafter_step(drafter, target, int(x[0, q + 1]), h[0, q], {k: (v[0][:, :, :q + 1], v[1][:, :, :q + 1])
                                  for k, v in kv.items()}, q + 1)
     gap = float((logits[0, q] - torch.from_numpy(one.logits)).abs().max())
     assert gap < 1e-3, f"batched drafter step differs from the reference step by {gap}"
+    steps = draft_targets(x, t_logits, cache)  # each step's labels against plain forwards
+    for q in (3, sliding_window + 4):  # before and past the sliding window
+        seq = x[0, :q + 2]
+        for j, (tokens, labels) in enumerate(steps[1:], 2):
+            seq = torch.cat([seq, tokens[0, q:q + 1]])
+            gap = float((target(input_ids=seq[None]).logits[0, -1] - labels[0, q]).abs().max())
+            assert gap < 1e-3, f"draft step {j}'s labels at {q} differ from a plain forward by {gap}"
 
 log(f"drafter: {n_params(drafter):,} parameters, layers {drafter_layer_types}, {drafter_steps} steps, depth {depth}")
 opt = optimizer(drafter, drafter_lr)
@@ -431,14 +551,14 @@ for step in range(drafter_steps):
     for group in opt.param_groups:
         group["lr"] = lr_at(step, drafter_steps, drafter_lr)
     x = windows(train_ids, drafter_batch)
-    h_target, t_logits, kv = target_states(x)
+    h_target, t_logits, kv, cache = target_states(x)
     h = h_target[:, :n_query]
     loss = torch.zeros(())
-    for j in range(1, depth + 1):  # step j: token at t+j, predicts the target at t+j
-        logits, h = draft_step(drafter, embed, x[:, j:j + n_query], h, kv, positions, masks)
-        p = F.softmax(t_logits[:, j:j + n_query].float(), dim=-1)
+    for j, (tokens, labels) in enumerate(draft_targets(x, t_logits, cache), 1):
+        logits, h = draft_step(drafter, embed, tokens, h, kv, positions, masks)
+        p = F.softmax(labels.float(), dim=-1)
         loss = loss + -(p * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean() / depth
-        match_sum[j - 1] += float((logits.argmax(-1) == t_logits[:, j:j + n_query].argmax(-1)).float().mean())
+        match_sum[j - 1] += float((logits.argmax(-1) == labels.argmax(-1)).float().mean())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(drafter.parameters(), grad_clip)
     opt.step()
@@ -449,7 +569,7 @@ for step in range(drafter_steps):
             f"{' '.join(f'{m / match_steps:.2f}' for m in match_sum)}  {(time.time() - t0) / (step + 1):.2f} s/step")
         report["drafter_match_by_depth"] = [round(m / match_steps, 3) for m in match_sum]
         match_sum[:], match_steps = 0, 0
-report["drafter_training"] = {"steps": drafter_steps, "batch": drafter_batch, "depth": depth,
+report["drafter_training"] = {"steps": drafter_steps, "batch": drafter_batch, "depth": depth, "greedy_deep": greedy_deep,
                               "seconds": round(time.time() - t0), "final_loss": round(loss.item(), 3)}
 drafter.eval()
 
@@ -485,46 +605,6 @@ report["bytes"] = sizes
 report["parameters"] = {"target": n_params(target), "drafter": n_params(drafter)}
 report["seconds"] = round(time.time() - t_start)
 (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-tt, dt = report["target_training"], report["drafter_training"]
-samples = "\n".join(f"- `{p!r}` -> `{c!r}`" for p, c in report["samples"].items())
-(out / "README.md").write_text(f"""# The trained pair (written by tools/train_tiny_pair.py: do not edit)
-
-A small Gemma 4 target and its MTP drafter, trained on this machine's CPU, for `gguf-mtp demo` and the tests
-(tests/test_trained_pair.py). Hugging Face layout, f16 safetensors; the GGUFs are built from it by our converter
-at run time.
-
-- target/: Gemma4ForCausalLM, {n_params(target):,} parameters: hidden {hidden}, intermediate {intermediate},
-  layers {' '.join(t[:1].upper() for t in layer_types)}, {heads} heads ({kv_heads} KV heads), head dims {head_dim} /
-  {global_head_dim}, sliding window {sliding_window}, vocabulary {vocab_size}, tied embeddings.
-- drafter/: Gemma4AssistantForCausalLM, {n_params(drafter):,} parameters: hidden {drafter_hidden},
-  layers {' '.join(t[:1].upper() for t in drafter_layer_types)}, reading the target's last sliding and full layer;
-  generation_config.json num_assistant_tokens {num_assistant_tokens}.
-- tokenizer: BPE with byte fallback and Gemma 4's control tokens at their ids (gguf_mtp.tiny.tokenizer),
-  {vocab_size} pieces learned on the training text ({report['tokens']['chars_per_token']} characters per token).
-- heldout.txt: the start of each held-out module (never trained on): {len(heldout_text):,} characters.
-- training.json: everything this run measured.
-
-Corpus: CPython {report['python']}'s standard library, top-level modules (`Lib/*.py`): {len(train_texts)} modules
-({report['corpus']['train_chars']:,} characters, {report['tokens']['train']:,} tokens) for training; every
-{heldout_every}th module held out ({', '.join(held_names)}).
-
-Training (torch {report['torch']}, {threads} threads): the target {tt['steps']} steps of {tt['batch']} x
-{tt['block']} tokens ({tt['seconds']} s), next-token cross-entropy plus token-level unlikelihood
-(weight {unlikelihood}); then {report['seq_ul']['steps']} steps alternating sequence-level unlikelihood on its own
-greedy continuations and next-token training ({report['seq_ul']['seconds']} s): greedy tokens in repeated
-{seq_ul_ngram}-grams (16 held-out prefixes x {seq_ul_continuation} tokens) {report['before_seq_ul']['repetition']:.0%} ->
-{report['seq_ul']['repetition']:.0%}, held-out loss {report['before_seq_ul']['heldout_loss']} ->
-{report['target_heldout_loss']} nats/token. The drafter {dt['steps']} steps of
-{drafter_batch} x {block} windows against the frozen target, {depth} draft steps deep at one position
-({dt['seconds']} s). {report['seconds']} s in all.
-
-Greedy continuations of held-out prompts by the target:
-
-{samples}
-
-License: the training text and heldout.txt come from CPython's `Lib/`, Copyright (c) 2001-2024 Python Software
-Foundation; All Rights Reserved, distributed under the PSF License Agreement version 2
-(https://docs.python.org/3/license.html). The weights are derived from that text.
-""", encoding="utf-8")
+(out / "README.md").write_text(readme(report), encoding="utf-8")
 log(f"wrote {out}: target {sizes['target']:,} bytes, drafter {sizes['drafter']:,} bytes, "
     f"heldout.txt {len(heldout_text):,} chars; {report['seconds']} s in all")
