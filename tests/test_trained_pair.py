@@ -106,8 +106,9 @@ def test_demo_json(tmp_path: Path) -> None:
                                                  "llama-server"]
     assert all(s["status"] == "ok" for s in doc["steps"]), doc["steps"]
     assert doc["same_output"] is True
-    assert set(doc["tokens_per_second"]) == {"target", "mtp"} and doc["speedup"] > 0
-    assert 0 < doc["mean_accepted_length"] and len(doc["acceptance_by_position"]) >= 1
+    assert set(doc["tokens_per_second"]) == {"target", "mtp", "adaptive"}
+    assert doc["speedup"] > 0 and doc["speedup_adaptive"] > 0
+    assert 0 < doc["mean_accepted_length"] and len(doc["acceptance_by_position"]) == 3  # k = 3: every position
     assert doc["quant"] == {"target": "Q8_0", "drafter": "Q8_0"}
     assert Path(doc["modelfile"]).read_text().count("DRAFT ") == 1
     assert doc["llama_server"].startswith("llama-server ") and "--spec-type draft-mtp" in doc["llama_server"]
