@@ -234,11 +234,12 @@ def run_bench(
 
 
 def teacher_forced_acceptance(engine: Any, tokens: Sequence[int], k: int = 3, start: int = 16,
-                              stride: int = 1) -> Any:
+                              stride: int = 1, stats: Any = None) -> Any:
     """Drafter acceptance on a fixed text: at every ``stride``-th position p >= ``start`` the target has read
     ``tokens[:p]``, the drafter drafts k tokens after ``tokens[p]``, and the target verifies them in one batch
     (greedy, as a round of the loop). The text, not the target's own output, decides what comes next, so the
-    number measures the drafter on that text alone. Returns runtime ``Stats`` (per-position counts).
+    number measures the drafter on that text alone. Returns runtime ``Stats`` (per-position counts; ``stats``:
+    add to these instead of new ones).
     """
     import numpy as np
 
@@ -252,7 +253,7 @@ def teacher_forced_acceptance(engine: Any, tokens: Sequence[int], k: int = 3, st
         raise GgufMtpError(f"expected 0 < start < {len(tokens) - 1}, got {start}")
     if len(tokens) + k > engine.n_ctx:
         raise GgufMtpError(f"{len(tokens)} tokens + {k} drafts do not fit the context of {engine.n_ctx}")
-    drafter, stats, rng = MTPDrafter(engine), Stats(), np.random.default_rng(0)
+    drafter, stats, rng = MTPDrafter(engine), stats if stats is not None else Stats(), np.random.default_rng(0)
     engine.truncate(0)
     rows = engine.decode(tokens[:start])
     h = engine.hidden(rows - 1).copy()
@@ -279,19 +280,13 @@ def heldout_acceptance(engine: Any, text: str, k: int = 3, windows: int = 8, win
     tokens = engine.tokenize(text, add_special=False)
     if len(tokens) < window:
         raise GgufMtpError(f"the text has {len(tokens)} tokens, a window needs {window}")
-    total = None
+    from .runtime.stats import Stats
+
+    stats = Stats()
     for i in range(windows):
         start = (len(tokens) - window + 1) * i // max(windows - 1, 1)
-        s = teacher_forced_acceptance(engine, [engine.bos, *tokens[start:start + window - 1]], k)
-        if total is None:
-            total = s
-            continue
-        total.rounds += s.rounds
-        total.proposed += s.proposed
-        total.accepted += s.accepted
-        total.proposed_by_position = [a + b for a, b in zip(total.proposed_by_position, s.proposed_by_position)]
-        total.accepted_by_position = [a + b for a, b in zip(total.accepted_by_position, s.accepted_by_position)]
-    return total
+        teacher_forced_acceptance(engine, [engine.bos, *tokens[start:start + window - 1]], k, stats=stats)
+    return stats
 
 
 def table_rows(result: BenchResult) -> list[list[str]]:
