@@ -6,7 +6,7 @@
 
 Rows, each as tokens/s and the ratio to the target alone, same prompts and token count: the target alone; MTP at
 k = 1..4 and adaptive; the oracle (drafts = the target's own greedy output: every draft kept, drafting free) at the
-same lengths; llama.cpp's own C++ loop (``llama-speculative-simple --spec-type draft-mtp``) at k = 1..4 when the
+same lengths; llama.cpp's own C++ loop (``llama-speculative-simple --spec-type draft-mtp``, same prompts) at k = 1..4 when the
 binary is built (``$LLAMA_SPECULATIVE_SIMPLE``, or under .work/sdist), else a line saying it was skipped. Then the
 two claims the product makes, checked: MTP >= 1.5x the target alone; adaptive k >= the best fixed k. Then
 sampled decoding at temperature 0.7 / 1.0: exact-match acceptance vs rejection sampling, k = 3 and adaptive.
@@ -37,7 +37,7 @@ DOCS = ROOT / "docs" / "bench.md"
 KS = (1, 2, 3, 4)
 TEMPERATURES = (0.7, 1.0)
 CPP_SPEED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s")
-CPP_ACCEPT = re.compile(r"accept\s+=\s+([\d.]+)%")
+CPP_COUNTS = re.compile(r"n_drafted\s+=\s+(\d+).*?n_accept\s+=\s+(\d+)", re.S)
 
 
 def speed_pair(workdir: Path) -> tuple[Path, Path]:
@@ -55,16 +55,26 @@ def find_cpp_loop() -> Path | None:
     return found[0] if found else None
 
 
-def cpp_loop(exe: Path, target: Path, drafter: Path, prompt: str, n: int, k: int, threads: int) -> dict:
-    """llama.cpp's reference loop on the same files and settings; its own tokens/s and acceptance."""
-    argv = [str(exe), "-m", str(target), "-md", str(drafter), "--spec-type", "draft-mtp", "--spec-draft-n-max",
-            str(k), "-p", prompt, "-n", str(n), "-t", str(threads), "-fa", "off", "-ctk", "f32", "-ctv", "f32",
-            "--temp", "0", "--ignore-eos", "-c", "1024"]
-    out = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=600)
-    speed, accept = CPP_SPEED.search(out.stderr + out.stdout), CPP_ACCEPT.search(out.stderr + out.stdout)
-    if out.returncode != 0 or not speed:
-        raise RuntimeError(f"{exe.name} failed (exit {out.returncode}): {out.stderr.strip()[-300:]}")
-    return {"tokens_per_second": float(speed.group(3)), "acceptance": float(accept.group(1)) / 100 if accept else None}
+def cpp_loop(exe: Path, target: Path, drafter: Path, prompts: list[str], n: int, k: int, threads: int,
+             repeats: int) -> dict:
+    """llama.cpp's reference loop on the same files, settings and prompts: per prompt the fastest of ``repeats``
+    runs by its own timer (decoding, prefill excluded), summed over prompts as our modes are."""
+    tokens = seconds = drafted = accepted = 0.0
+    for prompt in prompts:
+        argv = [str(exe), "-m", str(target), "-md", str(drafter), "--spec-type", "draft-mtp", "--spec-draft-n-max",
+                str(k), "-p", prompt, "-n", str(n), "-t", str(threads), "-fa", "off", "-ctk", "f32", "-ctv", "f32",
+                "--temp", "0", "--ignore-eos", "-c", "1024"]
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=600)
+            text = out.stderr + out.stdout
+            speed, counts = CPP_SPEED.search(text), CPP_COUNTS.search(text)
+            if out.returncode != 0 or not speed or not counts:
+                raise RuntimeError(f"{exe.name} failed (exit {out.returncode}): {text.strip()[-300:]}")
+            runs.append((float(speed[2]), int(speed[1]), int(counts[1]), int(counts[2])))
+        t, n_tok, n_drafted, n_accept = min(runs)
+        tokens, seconds, drafted, accepted = tokens + n_tok, seconds + t, drafted + n_drafted, accepted + n_accept
+    return {"tokens_per_second": tokens / seconds, "acceptance": accepted / drafted if drafted else None}
 
 
 def sampled_runs(target: Path, drafter: Path, prompts: list[str], settings: RuntimeSettings, args) -> list[dict]:
@@ -144,9 +154,10 @@ def main() -> int:
                     "in .work/sdist: `cmake -B build -DLLAMA_BUILD_EXAMPLES=ON && cmake --build build --target "
                     "llama-speculative-simple` in its vendor/llama.cpp, or set LLAMA_SPECULATIVE_SIMPLE).")
     else:
-        cpp = {k: cpp_loop(exe, target, drafter, prompts[0], args.tokens, k, args.threads) for k in KS}
+        cpp = {k: cpp_loop(exe, target, drafter, prompts, args.tokens, k, args.threads, args.repeats) for k in KS}
         shown = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
-        cpp_note = f"llama.cpp's C++ loop: `{shown}` (first prompt only, its own timer)."
+        cpp_note = (f"llama.cpp's C++ loop: `{shown}` (same prompts, fastest of {args.repeats} per prompt by its "
+                    "own timer).")
         for k, c in cpp.items():
             print(f"{'C++ loop k=' + str(k):<18}{c['tokens_per_second']:>9.1f}"
                   f"{c['tokens_per_second'] / r.mode('target').tokens_per_second:>10.2f}x")

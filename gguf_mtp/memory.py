@@ -135,7 +135,7 @@ def kv_cache_bytes(layers: list[AttnLayer], cells: KVCells, type_k: str, type_v:
                    flash_attn: bool) -> KVBytes:
     """The target's whole KV cache. Shared-KV layers store nothing; with flash attention off the V cache is
     transposed and every layer's V row is padded to the widest (over *all* layers, shared ones included)."""
-    v_widths = {l.n_embd_kv for l in layers}
+    v_widths = {layer.n_embd_kv for layer in layers}
     v_row = max(v_widths) if not flash_attn and len(v_widths) > 1 else None
     acc = {"full_k": 0, "full_v": 0, "sliding_k": 0, "sliding_v": 0}
     n = {"full": 0, "sliding": 0}
@@ -225,30 +225,30 @@ def compute_phases(g: TextGraph, s: GraphShape, quantized_kv: bool = False) -> d
     """Bytes alive at each phase's peak (the buffer is the largest, see ``compute_buffer_bytes``)."""
     t, o, e = s.n_tokens, s.n_outputs, g.n_embd
     mask_el = 2 if s.flash_attn else F32
-    has_full = any(not l.sliding for l in g.layers)
-    has_swa = any(l.sliding for l in g.layers)
+    has_full = any(not layer.sliding for layer in g.layers)
+    has_swa = any(layer.sliding for layer in g.layers)
     ple_rows = F32 * g.ple_dim * len(g.layers) * t
     masks = mask_el * t * ((s.n_kv_full if has_full else 0) + (s.n_kv_sliding if has_swa else 0))
     persistent = masks + ple_rows
     if quantized_kv:  # Hadamard rotation matrices of the quantized cache, one per head size
-        persistent += F32 * sum(d * d for d in {l.head_dim for l in g.layers if l.head_dim % 64 == 0})
+        persistent += F32 * sum(d * d for d in {ly.head_dim for ly in g.layers if ly.head_dim % 64 == 0})
     resid = F32 * e * t
     phases: dict[str, int] = {}
     if g.ple_dim:
         phases["input"] = persistent + resid + 2 * ple_rows
     if g.n_embd_backbone:  # drafter input: target embedding rows + hidden, concatenated, projected
         phases["input"] = F32 * t * (9 * g.n_embd_backbone // 2 + e)  # before the masks exist
-    q_full = max((F32 * l.head_dim * l.n_head * t for l in g.layers if not l.sliding), default=0)
+    q_full = max((F32 * ly.head_dim * ly.n_head * t for ly in g.layers if not ly.sliding), default=0)
     attn = 0
-    for l in g.layers:
-        n_kv = s.n_kv_sliding if l.sliding else s.n_kv_full
-        q = F32 * l.head_dim * l.n_head * t
-        kv = 2 * F32 * l.n_embd_kv * t if l.owns_kv else 0
+    for ly in g.layers:
+        n_kv = s.n_kv_sliding if ly.sliding else s.n_kv_full
+        q = F32 * ly.head_dim * ly.n_head * t
+        kv = 2 * F32 * ly.n_embd_kv * t if ly.owns_kv else 0
         if s.flash_attn:
             rotated = q if quantized_kv and not g.n_embd_backbone else 0  # the target rotates a copy of Q
             cur = q + kv + q + rotated  # Q (+ rotated Q), K, V, attention output
         else:
-            cur = q + F32 * n_kv * t * l.n_head + q  # Q, scores (soft-max in place), KQV
+            cur = q + F32 * n_kv * t * ly.n_head + q  # Q, scores (soft-max in place), KQV
             if not g.n_embd_backbone:  # the target's holes: a full layer's Q, a residual row, the PLE rows
                 cur += q_full + resid + ple_rows
         attn = max(attn, persistent + 2 * resid + cur)

@@ -355,7 +355,7 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
     # KV cache: each owning layer on its layer's device
     layers, _ = layer_devices(t.n_layer, s.n_gpu_layers)
     attn = t.attn_layers()
-    widths = {l.n_embd_kv for l in attn}
+    widths = {layer.n_embd_kv for layer in attn}
     v_row = max(widths) if not fa and len(widths) > 1 else None
     for i, layer in enumerate(attn):
         if layer.owns_kv:
