@@ -10,7 +10,8 @@
 #
 # Sized for one H100/H200-class GPU (sm_90) and 15 minutes in all. Offline-safe: the llama.cpp sources come from
 # the llama-cpp-python sdist already on this machine ($SDIST, .work/sdist/, ~/.cache/gguf-mtp/sdist/ or
-# .work/sdist); the build uses pip (--no-build-isolation) when scikit-build-core is installed, else plain CMake
+# .work/sdist), patched with patches/llama.cpp as tools/build_runtime.py does (centroid head, version symbol);
+# the build uses pip (--no-build-isolation) when scikit-build-core is installed, else plain CMake
 # with the libraries dropped into a copy of the installed llama_cpp package. Nothing outside .work/gpu-check is
 # touched; the CPU build in site-packages stays as it is.
 #
@@ -28,21 +29,37 @@ mkdir -p "$WORK"
 log() { printf '[gpu-check %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 find_source() {
-    # echo a directory holding llama-cpp-python's source tree (with vendor/llama.cpp)
+    # echo a fresh copy of llama-cpp-python's source tree in $WORK/src, with gguf-mtp's llama.cpp patches applied
+    # (patches/llama.cpp, as tools/build_runtime.py applies them): the GPU runs the runtime users build
     local cand
+    rm -rf "$WORK/src" && mkdir -p "$WORK/src"
     for cand in "${SDIST:-}" "$REPO"/.work/sdist/llama_cpp_python-0.3.36.tar.gz \
                 "$HOME"/.cache/gguf-mtp/sdist/llama_cpp_python-0.3.36.tar.gz \
                 "$REPO"/.work/sdist/llama_cpp_python-0.3.36; do
         [ -n "$cand" ] || continue
-        if [ -d "$cand/vendor/llama.cpp" ]; then echo "$cand"; return 0; fi
-        if [ -f "$cand" ]; then
-            rm -rf "$WORK/src" && mkdir -p "$WORK/src"
-            tar -xzf "$cand" -C "$WORK/src"
-            echo "$WORK/src/llama_cpp_python-0.3.36"; return 0
-        fi
+        if [ -d "$cand/vendor/llama.cpp" ]; then cp -r "$cand" "$WORK/src/llama_cpp_python-0.3.36"; break; fi
+        if [ -f "$cand" ]; then tar -xzf "$cand" -C "$WORK/src"; break; fi
     done
-    log "no llama-cpp-python 0.3.36 source found (set SDIST=/path/to/llama_cpp_python-0.3.36.tar.gz)"
-    return 1
+    if [ ! -d "$WORK/src/llama_cpp_python-0.3.36/vendor/llama.cpp" ]; then
+        log "no llama-cpp-python 0.3.36 source found (set SDIST=/path/to/llama_cpp_python-0.3.36.tar.gz)"
+        return 1
+    fi
+    rm -rf "$WORK/src/llama_cpp_python-0.3.36/vendor/llama.cpp/build"*  # a copied tree's own build dirs
+    "$PY" - "$WORK/src/llama_cpp_python-0.3.36" "$REPO/gguf_mtp/runtime_build.py" <<'PY' >&2 || return 1
+import importlib.util
+import sys
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("gguf_mtp_runtime_build", sys.argv[2])
+rb = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = rb
+spec.loader.exec_module(rb)
+series, src = rb.load_series(), Path(sys.argv[1])
+rb.apply_patches(src / "vendor" / "llama.cpp", series.patches)
+rb.set_version(src, series.label)
+print(f"[gpu-check] patched {src} -> {series.label}")
+PY
+    echo "$WORK/src/llama_cpp_python-0.3.36"
 }
 
 have_cuda_build() {
