@@ -1,8 +1,8 @@
 """Train the small Gemma 4 pair shipped in gguf_mtp/data/trained-pair (dev-only: needs torch + transformers).
 
-    nice -n 10 python tools/train_tiny_pair.py                   # the whole run, ~50 minutes on 2 cores
+    nice -n 10 python tools/train_tiny_pair.py                   # the whole run, ~70 minutes on 2 cores
     python tools/train_tiny_pair.py target_steps=20 drafter_steps=10 out_dir=/tmp/pair   # a smoke run
-    python tools/train_tiny_pair.py reuse_target=True            # keep work_dir's target, retrain the drafter (~20 min)
+    python tools/train_tiny_pair.py reuse_target=True            # keep work_dir's target, retrain the drafter (~40 min)
 
 Any config value below can be overridden as key=value (nanoGPT's habit). The script reads top to bottom:
 corpus -> tokenizer -> token stream -> target (a Gemma 4 text model, trained from scratch, then fine-tuned with
@@ -102,7 +102,7 @@ seq_ul_prefix = 64  # training-text tokens the target continues greedily ...
 seq_ul_continuation = 64  # ... for this many tokens
 seq_ul_ngram = 4  # tokens of a repeated 4-gram in its continuation are pushed down
 # drafter training
-drafter_steps = 1000
+drafter_steps = 2000
 drafter_batch = 8
 drafter_lr = 1e-2
 depth = 3  # draft steps trained per position (MTP depth; later steps reuse the same weights)
