@@ -36,11 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from docsection import write_section  # noqa: E402
+
 from gguf_mtp.tiny import configs, tokenizer, weights  # noqa: E402
 
 S, F = configs.S, configs.F
 DOCS = ROOT / "docs" / "export.md"
-BEGIN, END = "<!-- bench_convert:begin -->", "<!-- bench_convert:end -->"
 SHARD_BYTES = 400 << 20  # small shards so that every size is a multi-file checkpoint
 GB = 1e9
 BASELINE = "import gguf_mtp.cli, gguf_mtp.export.projector"  # the interpreter and the converter's imports, no work
@@ -238,16 +239,6 @@ def docs_section(rows: list[dict], baseline: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    text = DOCS.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOCS}: markers {BEGIN} / {END} missing")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{section}\n{END}{tail}", encoding="utf-8")
-    print(f"wrote the results section of {DOCS.relative_to(ROOT)}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="0.6,1.8", help="checkpoint sizes in GB, vision tower (0.3 GB) included")
@@ -285,7 +276,7 @@ def main() -> int:
                 rows.append(bench_one(f"--mmproj (E2B-sized tower), {outtype}", src, args.workdir, script, env,
                                       outtype, True, largest_tensor(specs, "model.vision_tower."), base))
     if args.write_docs:
-        write_docs(docs_section(rows, base))
+        write_section(DOCS, "bench_convert", docs_section(rows, base))
     return 0
 
 
