@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""MTP speed where it pays on a CPU: the speed pair (tools/make_speed_pair.py), side by side in one run.
+"""MTP speed where it pays on a CPU: the speed pair (gguf_mtp/tiny/speed_pair.py), side by side in one run.
 
     python bench/bench_speed_pair.py                      # builds .work/speed/pair on first use
     python bench/bench_speed_pair.py -n 128 --repeats 3 --threads 2 --write-docs
@@ -32,7 +32,7 @@ from docsection import write_section  # noqa: E402
 
 from gguf_mtp.bench import BenchResult, run_bench  # noqa: E402
 from gguf_mtp.settings import RuntimeSettings  # noqa: E402
-from gguf_mtp.tiny.tokenizer import corpus_lines  # noqa: E402
+from gguf_mtp.tiny import speed_pair as sp  # noqa: E402
 
 DOCS = ROOT / "docs" / "bench.md"
 KS = (1, 2, 3, 4)
@@ -42,9 +42,9 @@ CPP_COUNTS = re.compile(r"n_drafted\s+=\s+(\d+).*?n_accept\s+=\s+(\d+)", re.S)
 
 
 def speed_pair(workdir: Path) -> tuple[Path, Path]:
-    target, drafter = workdir / "target-F16.gguf", workdir / "drafter-F16.gguf"
+    target, drafter = workdir / sp.TARGET_FILE, workdir / sp.DRAFTER_FILE
     if not (target.exists() and drafter.exists()):
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_speed_pair.py"), str(workdir)], check=True)
+        sp.make_speed_pair(workdir, force=True)  # a half-written pair is replaced whole
     return target, drafter
 
 
@@ -153,8 +153,7 @@ def main() -> int:
     args = ap.parse_args()
 
     target, drafter = speed_pair(args.workdir)
-    lines = corpus_lines()
-    prompts = [lines[i * len(lines) // args.prompts] for i in range(args.prompts)]
+    prompts = sp.prompts(args.prompts)
     settings = RuntimeSettings(n_ctx=1024, threads=args.threads, flash_attn="off", cache_type_k="f32",
                                cache_type_v="f32")
     r = run_bench(target, drafter, prompts, max_tokens=args.tokens, ks=KS, oracle=True, settings=settings,

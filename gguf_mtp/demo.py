@@ -2,12 +2,14 @@
 
 convert (Hugging Face checkpoint -> F16 GGUF) -> quantize-pair (target Q8_0, drafter Q8_0) -> check -> plan (a
 24 GiB card) -> generate with and without MTP (acceptance by draft position, tokens/s, speed-up) -> an Ollama
-Modelfile and the llama-server command line.
+Modelfile and the llama-server command line; then the speed pair: built, and timed with and without MTP.
 
-The pair (gguf_mtp/data/trained-pair, trained by tools/train_tiny_pair.py) is a few-MB model: llama.cpp's
-per-call overhead is a large part of each step at that size, so its speed-up says little about a 31B target
-(bench/ measures that); its acceptance is real. Every step reports ok / failed / skipped and why; a failed step
-skips only the steps that need its output.
+The trained pair (gguf_mtp/data/trained-pair, trained by tools/train_tiny_pair.py) is a few-MB model: llama.cpp's
+per-call overhead is a large part of each step at that size, so its speed-up says little about a 31B target; its
+acceptance is real. The speed pair (gguf_mtp/tiny/speed_pair.py: a generated ~130M-parameter target and a drafter
+constructed to agree with it) is big enough for a verify batch to cost about one token's time, so its speed-up is
+real; its acceptance is by construction. Every step reports ok / failed / skipped and why; a failed step skips
+only the steps that need its output.
 """
 
 from __future__ import annotations
@@ -33,7 +35,23 @@ VRAM = "24GiB"
 N_PROMPTS = 4
 GENERATE_CTX = 1024  # the plan picks the largest context that fits 24 GiB; generating 128 tokens needs far less
 MTP_MODES = ("k=3", "adaptive")  # llama-server's default draft length, and ours
+MTP_KS = tuple(int(m[2:]) for m in MTP_MODES if m.startswith("k="))
 SUMMARY_MODE = "k=3"  # drafts every round, so acceptance is measured at every position (adaptive may stop drafting)
+# the speed pair: ~4 s to build, ~260 MB in DIR/speed-pair; 3 prompts x -n tokens per mode, each the fastest of 3
+SPEED_DIR = "speed-pair"
+SPEED_PROMPTS = 3
+SPEED_REPEATS = 3  # one stall on a busy machine does not decide a ratio
+# llama.cpp's default of 4 threads, no more than the CPUs: more threads than cores stall at ggml's barriers
+SPEED_THREADS = min(os.cpu_count() or 1, 4)
+SPEED_SETTINGS = RuntimeSettings(n_ctx=GENERATE_CTX, threads=SPEED_THREADS, flash_attn="off", cache_type_k="f32",
+                                 cache_type_v="f32")
+# what each pair's numbers are evidence of, and why (the human output's table labels; --json's speed_pair.what)
+TRAINED_LABEL = "Trained pair: real acceptance"
+TRAINED_WHAT = ("a drafter trained against its 3.3M-parameter target; at this size llama.cpp's per-call overhead "
+                "dominates a step, so its speed says little")
+SPEED_LABEL = "Speed pair: real speed-up"
+SPEED_WHAT = ("a generated ~130M-parameter target and a drafter built to agree with it: big enough for a verify "
+              "batch to cost about one token's time; its acceptance is by construction")
 
 
 @dataclass
@@ -58,6 +76,7 @@ class Demo:
     check: Any = None  # check.CheckReport
     plan: Any = None  # plan.Plan
     bench: bench.BenchResult | None = None
+    speed: bench.BenchResult | None = None  # the speed pair
     generate_settings: RuntimeSettings | None = None
     modelfile: Path | None = None
     llama_server: str | None = None
@@ -67,19 +86,32 @@ class Demo:
         return all(s.status == "ok" for s in self.steps)
 
     def summary(self) -> dict[str, Any]:
-        """The target alone vs MTP at k = 3 (the drafter's acceptance by position, speed-up), and the speed-up
-        of the adaptive draft length, which drafts only while drafting pays."""
-        if self.bench is None:
-            return {}
-        base, mtp, ad = self.bench.mode("target"), self.bench.mode(SUMMARY_MODE), self.bench.mode("adaptive")
-        return {"mtp_mode": SUMMARY_MODE, "tokens_per_second": {"target": round(base.tokens_per_second, 2),
-                                                                "mtp": round(mtp.tokens_per_second, 2),
-                                                                "adaptive": round(ad.tokens_per_second, 2)},
-                "speedup": round(mtp.speedup, 3), "speedup_adaptive": round(ad.speedup, 3),
-                "acceptance": round(mtp.acceptance, 4),
-                "acceptance_by_position": [round(a, 4) for a in mtp.acceptance_by_position],
-                "mean_accepted_length": round(mtp.mean_accepted_length, 3),
-                "same_output": all(m.same_output == self.bench.prompts for m in self.bench.modes)}
+        """The trained pair's numbers (``summarize``)."""
+        return summarize(self.bench) if self.bench is not None else {}
+
+    def speed_summary(self) -> dict[str, Any] | None:
+        """The speed pair's numbers (``summarize``), with how they were measured and every mode in full."""
+        if self.speed is None:
+            return None
+        r = self.speed
+        return {"what": SPEED_WHAT, **summarize(r), "prompts": r.prompts, "max_tokens": r.max_tokens,
+                "repeats": r.repeats, "threads": SPEED_THREADS, "modes": [m.to_dict() for m in r.modes]}
+
+    def headline(self) -> str | None:
+        """One line: the acceptance the trained pair shows, the speed-up the speed pair shows, output identity."""
+        parts, same = [], []
+        if self.bench is not None:
+            s = self.summary()
+            parts.append(f"acceptance {s['acceptance']:.2f} at {SUMMARY_MODE} (trained pair)")
+            same.append(s["same_output"])
+        if self.speed is not None:
+            s = summarize(self.speed)
+            parts.append(f"speed-up {s['speedup']:.2f}x at {SUMMARY_MODE}, {s['speedup_adaptive']:.2f}x adaptive "
+                         "(speed pair)")
+            same.append(s["same_output"])
+        if not parts:
+            return None
+        return "; ".join(parts) + f"; MTP output = the target's own: {'yes' if all(same) else 'NO'}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,7 +129,29 @@ class Demo:
             "plan": _plan_summary(self.plan) if self.plan else None,
             "modelfile": str(self.modelfile) if self.modelfile else None,
             "llama_server": self.llama_server,
+            "speed_pair": self.speed_summary(),
         }
+
+
+def summarize(r: bench.BenchResult) -> dict[str, Any]:
+    """The target alone vs MTP at k = 3 (the drafter's acceptance by position, speed-up), the speed-up of the
+    adaptive draft length, which drafts only while drafting pays, and whether every mode's output was the
+    target alone's."""
+    base, mtp, ad = r.mode("target"), r.mode(SUMMARY_MODE), r.mode("adaptive")
+    return {"mtp_mode": SUMMARY_MODE, "tokens_per_second": {"target": round(base.tokens_per_second, 2),
+                                                            "mtp": round(mtp.tokens_per_second, 2),
+                                                            "adaptive": round(ad.tokens_per_second, 2)},
+            "speedup": round(mtp.speedup, 3), "speedup_adaptive": round(ad.speedup, 3),
+            "acceptance": round(mtp.acceptance, 4),
+            "acceptance_by_position": [round(a, 4) for a in mtp.acceptance_by_position],
+            "mean_accepted_length": round(mtp.mean_accepted_length, 3),
+            "same_output": all(m.same_output == r.prompts for m in r.modes)}
+
+
+def _require_same_output(r: bench.BenchResult) -> None:
+    differ = [m.mode for m in r.modes if m.same_output != r.prompts]
+    if differ:
+        raise GgufMtpError(f"MTP output differs from the target's own on some prompts ({', '.join(differ)})")
 
 
 def _plan_summary(p: Any) -> dict[str, Any]:
@@ -159,17 +213,15 @@ def _generate(d: Demo) -> str:
     # to the bit, so MTP output can be compared with the target's token for token (docs/runtime.md)
     d.generate_settings = base.replace(n_ctx=GENERATE_CTX, flash_attn="off", cache_type_k="f32", cache_type_v="f32")
     d.bench = bench.run_bench(d.files["target"], d.files["drafter"], bench.heldout_prompts(d.n_prompts),
-                              max_tokens=d.max_tokens, ks=[int(m[2:]) for m in MTP_MODES if m.startswith("k=")],
-                              adaptive="adaptive" in MTP_MODES, settings=d.generate_settings)
+                              max_tokens=d.max_tokens, ks=MTP_KS, adaptive="adaptive" in MTP_MODES,
+                              settings=d.generate_settings)
+    _require_same_output(d.bench)
     s = d.summary()
-    differ = [m.mode for m in d.bench.modes if m.same_output != d.bench.prompts]
-    if differ:
-        raise GgufMtpError(f"MTP output differs from the target's own on some prompts ({', '.join(differ)})")
-    return (f"{d.bench.prompts} held-out prompts x {d.max_tokens} tokens: MTP output = target output; "
+    return (f"trained pair, {d.bench.prompts} held-out prompts x {d.max_tokens} tokens: MTP output = target output; "
             f"{SUMMARY_MODE}: acceptance {s['acceptance']:.2f} "
             f"({' / '.join(f'{a:.2f}' for a in s['acceptance_by_position'])}), "
             f"{s['mean_accepted_length']:.2f} tokens per target step, {s['speedup']:.2f}x; "
-            f"adaptive {s['speedup_adaptive']:.2f}x")
+            f"adaptive {s['speedup_adaptive']:.2f}x (too small a model for speed: the speed-pair step measures it)")
 
 
 def _modelfile(d: Demo) -> str:
@@ -191,6 +243,25 @@ def _llama_server(d: Demo) -> str:
     return "the plan's settings as llama-server flags (--spec-type draft-mtp)"
 
 
+def _speed_pair(d: Demo) -> str:
+    from .tiny import speed_pair
+
+    t0 = time.perf_counter()
+    pair = speed_pair.make_speed_pair(d.workdir / SPEED_DIR, keep_hf=False, force=d.force)
+    built = time.perf_counter() - t0
+    d.files.update(speed_target=pair.target, speed_drafter=pair.drafter)
+    d.speed = bench.run_bench(pair.target, pair.drafter, speed_pair.prompts(SPEED_PROMPTS), max_tokens=d.max_tokens,
+                              ks=MTP_KS, adaptive="adaptive" in MTP_MODES, settings=SPEED_SETTINGS,
+                              repeats=SPEED_REPEATS)
+    _require_same_output(d.speed)
+    s = summarize(d.speed)
+    tps = s["tokens_per_second"]
+    return (f"built in {built:.0f} s; {d.speed.prompts} prompts x {d.max_tokens} tokens, fastest of {SPEED_REPEATS}, "
+            f"{SPEED_THREADS} thread(s): MTP output = target output; target alone {tps['target']:.0f} tokens/s, "
+            f"{SUMMARY_MODE} {tps['mtp']:.0f} ({s['speedup']:.2f}x, acceptance {s['acceptance']:.2f}), "
+            f"adaptive {tps['adaptive']:.0f} ({s['speedup_adaptive']:.2f}x)")
+
+
 # (name, step, steps whose output it needs)
 STEPS: list[tuple[str, Callable[[Demo], str], tuple[str, ...]]] = [
     ("convert", _convert, ()),
@@ -200,12 +271,14 @@ STEPS: list[tuple[str, Callable[[Demo], str], tuple[str, ...]]] = [
     ("generate", _generate, ("check",)),
     ("modelfile", _modelfile, ("plan",)),
     ("llama-server", _llama_server, ("plan",)),
+    ("speed-pair", _speed_pair, ()),  # needs nothing above: it runs, and fails, on its own
 ]
 
 
 def run_demo(workdir: str | Path | None = None, *, force: bool = False, max_tokens: int = 128,
              n_prompts: int = N_PROMPTS, on_step: Callable[[Step], None] | None = None) -> Demo:
-    """Run every step; ``workdir`` (created if missing) holds the GGUFs, plan.json and the Modelfile.
+    """Run every step; ``workdir`` (created if missing) holds the GGUFs, plan.json, the Modelfile and the speed
+    pair's GGUFs (``speed-pair/``).
 
     Without ``workdir`` a new temporary directory is made and kept (the printed commands refer to its files).
     """

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
+import re
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -107,6 +110,57 @@ def llama() -> object:
             lib.llama_backend_init()
             _initialized = True
     return lib
+
+
+# --- loading models: the CPU's extra buffer types -------------------------------------------------------
+
+_BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=")
+
+@functools.cache
+def cpu_amx():  # -> cpu.AmxStatus
+    """The AMX facts of this process: the CPU's report, the OS permission, the loaded CPU backend's machine code
+    and whether it carries our fix (runtime_build.AMX_TILE_CONFIG). Decided once per process."""
+    from . import cpu, runtime_build
+
+    llama()
+    return cpu.amx_status(runtime_build.cpu_library(), runtime_build.AMX_TILE_CONFIG in runtime_build.loaded_patches())
+
+
+@functools.cache
+def extra_bufts_allowed() -> bool:
+    """May models load with llama.cpp's CPU extra buffer types (AMX, CPU_REPACK) in this process?
+
+    No only where the CPU offers AMX and the loaded CPU backend's AMX kernels carry the GCC 12 tile-configuration
+    miscompilation (a stock build; ours is patched): then every batched decode would crash, so models load without
+    the extra buffer types (slower CPU matmuls, never a crash), and stderr says so once.
+    """
+    safe = cpu_amx().extra_bufts_safe
+    if not safe:
+        print("gguf-mtp: warning: this llama.cpp build's AMX kernels are miscompiled (GCC 12 drops the tile "
+              "configuration; every batched decode would crash). Loading models without the CPU's extra buffer "
+              "types (AMX, CPU_REPACK): slower, correct. Fix: gguf-mtp runtime build", file=sys.stderr)
+    return safe
+
+
+def model_params(n_gpu_layers: int, repack: bool = True) -> object:
+    """``llama_model_params`` as every gguf-mtp load wants them (the runtime and the planner's probe alike).
+    ``repack``: the settings' wish (llama-server --no-repack); granted where :func:`extra_bufts_allowed`."""
+    lib = llama()
+    mp = lib.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    mp.use_extra_bufts = repack and extra_bufts_allowed()
+    return mp
+
+
+def buffer_types(lines: Sequence[LogLine]) -> list[str]:
+    """The buffer types a model's weights went to, from its load log ("load_tensors: CPU_REPACK model buffer
+    size = ..."), in the order llama.cpp reports them."""
+    found = []
+    for ln in lines:
+        m = _BUFFER_LINE.search(ln.text)
+        if m and m.group(1) not in found:
+            found.append(m.group(1))
+    return found
 
 
 def error_lines(lines: Sequence[LogLine], limit: int = 3) -> str:

@@ -52,6 +52,30 @@ def pad(x: int, n: int) -> int:
     return (x + n - 1) // n * n
 
 
+# llama.cpp's AMX buffer type (ggml-cpu/amx, offered where the CPU has AMX and the process may use it) takes the
+# CPU-resident matmul weights of these types and repacks them, adding bytes per block (mmq.cpp get_row_size:
+# Q8_0 a 4-byte compensation sum, Q4_K/Q5_K 4 bytes of scales, IQ4_XS 2). A weight qualifies when its rows are
+# whole blocks (K % block; TILE_K = 32 for the legacy types, QK_K = 256 for the K-types) and its row count is a
+# multiple of 2 * TILE_N = 32. Matmul weights only: not token_embd / per-layer embeddings (GET_ROWS), norms,
+# or 3-D MoE experts (MUL_MAT_ID). Checked against llama.cpp's accounting on an AMX machine: E2B Q4_K_M target
+# on the CPU, +25,073,664 bytes.
+AMX_BLOCK_EXTRA = {"Q4_0": (32, 0), "Q4_1": (32, 0), "Q8_0": (32, 4), "Q4_K": (256, 4), "Q5_K": (256, 4),
+                   "Q6_K": (256, 0), "IQ4_XS": (256, 2)}
+AMX_ROW_MULTIPLE = 32
+
+
+def amx_weight_bytes(type_name: str, shape: tuple[int, ...] | list[int]) -> int | None:
+    """The AMX buffer's size for a 2-D matmul weight, or None where the AMX buffer type does not take it."""
+    rule = AMX_BLOCK_EXTRA.get(type_name.upper())
+    if rule is None or len(shape) != 2:
+        return None
+    block, extra = rule
+    k, n = shape
+    if k % block or n % AMX_ROW_MULTIPLE:
+        return None
+    return tensor_bytes(type_name, shape) + k // block * n * extra
+
+
 # --- KV cache ---------------------------------------------------------------------------------------
 
 

@@ -234,9 +234,19 @@ def _override(name: str, overrides: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def _cpu_bytes(t: TensorSpec, slot: str, cpu_amx: bool) -> int:
+    """A weight's bytes in CPU memory: its AMX-repacked size where the AMX buffer type takes it."""
+    if cpu_amx and slot == "layer" and "norm" not in t.name:
+        amx = memory.amx_weight_bytes(t.type, t.shape)
+        if amx is not None:
+            return amx
+    return t.n_bytes
+
+
 def place_weights(m: ModelFile, n_gpu_layers: int, overrides: list[tuple[str, str]] = (),
-                  label: str = "") -> Placement:
-    """Where llama.cpp puts each tensor (and the tied output head's extra copy)."""
+                  label: str = "", cpu_amx: bool = False) -> Placement:
+    """Where llama.cpp puts each tensor (and the tied output head's extra copy). ``cpu_amx``: the CPU backend
+    offers its AMX buffer type (memory.AMX_BLOCK_EXTRA), which resizes CPU-resident matmul weights."""
     label = label or m.role
     layers, out_dev = layer_devices(m.n_layer, n_gpu_layers)
     full_layers = [i for i, s in enumerate(m.layer_kinds()) if not s]
@@ -254,7 +264,7 @@ def place_weights(m: ModelFile, n_gpu_layers: int, overrides: list[tuple[str, st
         comp = {"input": f"{label} embeddings (input)", "output": f"{label} output head"}.get(slot, f"{label} layers")
         if forced == CPU and slot == "layer":
             comp = f"{label} offloaded tensors"
-        p.add(dev, comp, memory.pad(t.n_bytes, align[dev]))
+        p.add(dev, comp, memory.pad(_cpu_bytes(t, slot, cpu_amx) if dev == CPU else t.n_bytes, align[dev]))
         if dev == CPU and slot == "layer":
             p.largest_cpu_layer_tensor = max(p.largest_cpu_layer_tensor, t.n_bytes)
     if m.tied and m.role != "mmproj":
@@ -329,8 +339,11 @@ def context_shapes(s: RuntimeSettings, drafter: bool) -> dict[str, dict[str, int
     return shapes
 
 
-def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TOKENS) -> Breakdown:
-    """Everything the settings make llama.cpp allocate, per device and component."""
+def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TOKENS,
+              cpu_amx: bool = False) -> Breakdown:
+    """Everything the settings make llama.cpp allocate, per device and component. ``cpu_amx``: figures for a CPU
+    whose AMX buffer type llama.cpp uses (and settings that allow repacking); plans assume plain CPU buffers."""
+    cpu_amx = cpu_amx and s.repack
     t, d, mm = files.target, files.drafter, files.mmproj
     fa = s.flash_attn != "off"
     b = Breakdown()
@@ -342,11 +355,11 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
     b.cells = cells
 
     # weights
-    tp = place_weights(t, s.n_gpu_layers, s.effective_overrides(), "target")
+    tp = place_weights(t, s.n_gpu_layers, s.effective_overrides(), "target", cpu_amx)
     for (dev, comp), n in tp.bytes.items():
         b.add(dev, comp, n)
     if d is not None:
-        dp = place_weights(d, -1 if s.drafter_on_gpu else 0, [], "drafter")
+        dp = place_weights(d, -1 if s.drafter_on_gpu else 0, [], "drafter", cpu_amx)
         for (dev, comp), n in dp.bytes.items():
             b.add(dev, comp, n)
     if mm is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import GgufMtpError
-from .llama_ext import LLAMA_LOG, llama
+from .llama_ext import LLAMA_LOG, cpu_amx, llama, model_params
 
 LOAD_MODE_NONE = 0
 CTX_TYPE_MTP_NAME = "LLAMA_CONTEXT_TYPE_MTP"
@@ -146,14 +146,13 @@ def _ctx_params(shape: ContextShape):  # -> llama_context_params
     return p
 
 
-def _load(path: str | os.PathLike, n_gpu_layers: int, overrides=None, alloc: bool = False):
+def _load(path: str | os.PathLike, n_gpu_layers: int, overrides=None, alloc: bool = False, repack: bool = True):
     import llama_cpp
 
-    mp = llama_cpp.llama_model_default_params()
+    mp = model_params(n_gpu_layers, repack)
     mp.no_alloc = not alloc
     if not alloc:
         mp.load_mode = LOAD_MODE_NONE  # no_alloc under mmap aborts the process (GGML_ASSERT(!ml.no_alloc))
-    mp.n_gpu_layers = n_gpu_layers
     if overrides is not None and overrides.pointer:
         mp.tensor_buft_overrides = overrides.pointer
     model = llama_cpp.llama_model_load_from_file(os.fsencode(path), mp)
@@ -165,10 +164,11 @@ def _load(path: str | os.PathLike, n_gpu_layers: int, overrides=None, alloc: boo
 def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafter: str | os.PathLike | None = None,
             drafter_shape: ContextShape | None = None, n_gpu_layers: int = -1,
             overrides: list[tuple[str, str]] | None = None, drafter_n_gpu_layers: int | None = None,
-            alloc: bool = False) -> Measurement:
+            alloc: bool = False, repack: bool = True) -> Measurement:
     """llama.cpp's own accounting for target (+ drafter MTP context), with nothing allocated or read.
 
     ``overrides``: (pattern, "CPU"|"GPU") tensor buffer-type overrides (``-ot``; ``n_cpu_moe`` expands to these).
+    ``repack``: allow the CPU's extra buffer types (llama-server --no-repack turns them off).
     ``alloc``: really allocate (on a GPU machine, to compare with the device's free memory; the skeleton's
     sparse data reads as zeros).
     """
@@ -184,7 +184,7 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
     free0 = device_memory()[gpus[0]][0] if gpus else None
     try:
         with LLAMA_LOG.capture() as log:
-            tm = _load(target, n_gpu_layers, ovr, alloc)
+            tm = _load(target, n_gpu_layers, ovr, alloc, repack)
             models.append(tm)
             tctx = llama_cpp.llama_init_from_model(tm, _ctx_params(shape))
             if not tctx:
@@ -195,7 +195,7 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
         if drafter is not None:
             with LLAMA_LOG.capture() as dlog:
                 dm = _load(drafter, n_gpu_layers if drafter_n_gpu_layers is None else drafter_n_gpu_layers,
-                           None, alloc)
+                           None, alloc, repack)
                 models.append(dm)
                 dp = _ctx_params(drafter_shape or shape)
                 dp.n_ctx = llama_cpp.llama_n_ctx(tctx)
@@ -318,7 +318,7 @@ def compare_with_llama(target: str | os.PathLike, drafter: str | os.PathLike | N
 
     s = (settings or RuntimeSettings()).replace(n_gpu_layers=0, drafter_on_gpu=False, mmproj_on_gpu=False)
     files = planner.files_from_paths(target, drafter, mmproj)
-    b = planner.breakdown(files, s, image_tokens)
+    b = planner.breakdown(files, s, image_tokens, cpu_amx=cpu_amx().usable)
     shapes = planner.context_shapes(s, drafter is not None)
 
     def shape(role: str) -> ContextShape:
@@ -327,7 +327,8 @@ def compare_with_llama(target: str | os.PathLike, drafter: str | os.PathLike | N
                             n_outputs_max=c["n_outputs_max"], type_k=s.cache_type_k, type_v=s.cache_type_v,
                             flash_attn=s.flash_attn, swa_full=s.swa_full)
 
-    m = measure(target, shape("target"), drafter, shape("drafter") if drafter else None, n_gpu_layers=0)
+    m = measure(target, shape("target"), drafter, shape("drafter") if drafter else None, n_gpu_layers=0,
+                repack=s.repack)
     pick = lambda prefix: sum(n for (_, c), n in b.items.items() if c.startswith(prefix))  # noqa: E731
     out = [
         Agreement("target weights", pick("target layers") + pick("target embeddings") + pick("target output head")

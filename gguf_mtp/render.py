@@ -80,6 +80,8 @@ def server_args(
     args += ["-ctk", s.cache_type_k, "-ctv", s.cache_type_v, "-fa", s.flash_attn]
     if s.swa_full:
         args.append("--swa-full")
+    if not s.repack:
+        args.append("--no-repack")
     if s.threads:
         args += ["-t", str(s.threads)]
     if port is not None:
@@ -140,6 +142,9 @@ def ollama_unexpressible(settings: RuntimeSettings) -> list[OllamaSetting]:
     if settings.swa_full:
         out.append(OllamaSetting("full-size sliding-window cache (swa_full) is not expressible",
                                  lost="the plan's sliding-window cache layout"))
+    if not settings.repack:
+        out.append(OllamaSetting("weight repacking off (--no-repack) is not expressible; Ollama repacks CPU weights "
+                                 "where its CPU backend can", lost="nothing on the GPU; CPU-resident weights are repacked"))
     if settings.cache_type_k != "f16" or settings.cache_type_v != "f16":
         kv = settings.cache_type_k if settings.cache_type_k == settings.cache_type_v else settings.cache_type_k
         out.append(OllamaSetting(f"KV cache type {kv} (server-wide, needs flash attention)",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -29,21 +30,34 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 try:
+    from . import cpu
     from .errors import GgufMtpError as _ErrorBase
 except ImportError:  # loaded by path (tools/build_runtime.py) before gguf-mtp is installed
     _ErrorBase = Exception  # type: ignore[misc,assignment]
+    _spec = importlib.util.spec_from_file_location("gguf_mtp_cpu", Path(__file__).with_name("cpu.py"))
+    cpu = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = cpu
+    _spec.loader.exec_module(cpu)
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
 LOCAL_LABEL = "gguf_mtp"  # wheel version: 0.3.36+gguf_mtp.<series>
 VERSION_SYMBOL = "llama_gguf_mtp_patch_version"  # exported by the last patch: "gguf_mtp.<series>:<topic>,..."
 CENTROID_HEAD = "centroid-head"  # patch topic that loads the centroid-clustered drafter head
+AMX_TILE_CONFIG = "amx-tile-config"  # patch topic that fixes the GCC 12 AMX miscompilation
+# --portable: no -march=native; an AVX2/FMA/F16C baseline (x86-64-v3: Haswell, Zen 1 and later). llama-cpp-python
+# 0.3.36 installs only the one ggml-cpu library, not ggml's run-time-selected CPU variants (GGML_BACKEND_DL +
+# GGML_CPU_ALL_VARIANTS), so a portable wheel is one baseline build.
+PORTABLE_ARGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                 "-DGGML_BMI2=ON")
 
 _PATCH_NAME = re.compile(r"^(\d{4})-([a-z0-9][a-z0-9-]*)\.patch$")
 _SERIES_DECL = re.compile(r'"gguf_mtp\.(\d+):([a-z0-9,-]+)"')
@@ -108,6 +122,11 @@ def load_series(patch_dir: Path | None = None) -> PatchSeries:
     return series
 
 
+def touched_files(patch: Path) -> list[str]:
+    """The files a patch changes, relative to vendor/llama.cpp."""
+    return re.findall(r"^diff --git a/(\S+) b/", patch.read_text(), flags=re.M)
+
+
 def parse_declared(value: str) -> tuple[int, tuple[str, ...]] | None:
     """'gguf_mtp.1:centroid-head,gguf-mtp-version' -> (1, ('centroid-head', 'gguf-mtp-version'))."""
     m = re.fullmatch(r"gguf_mtp\.(\d+):([a-z0-9,-]*)", value.strip())
@@ -126,10 +145,12 @@ def cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "gguf-mtp"
 
 
-def variant_name(cuda: bool, cuda_arch: str | None) -> str:
-    if not cuda:
-        return "cpu"
-    return "cuda" + ("-" + re.sub(r"[^0-9A-Za-z]+", "-", cuda_arch).strip("-") if cuda_arch else "")
+def variant_name(cuda: bool, cuda_arch: str | None, portable: bool = False) -> str:
+    """The build directory's name: one persistent build per variant (a portable build must not share a
+    build directory with a native one, or each switch would recompile everything)."""
+    name = "cpu" if not cuda else "cuda" + ("-" + re.sub(r"[^0-9A-Za-z]+", "-", cuda_arch).strip("-")
+                                              if cuda_arch else "")
+    return name + ("-portable" if portable else "")
 
 
 def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
@@ -278,8 +299,8 @@ def _locked(cache: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def cmake_args(cuda: bool, cuda_arch: str | None) -> list[str]:
-    args = []
+def cmake_args(cuda: bool, cuda_arch: str | None, portable: bool = False) -> list[str]:
+    args = list(PORTABLE_ARGS) if portable else []
     if cuda:
         args.append("-DGGML_CUDA=on")
         if cuda_arch:
@@ -288,9 +309,89 @@ def cmake_args(cuda: bool, cuda_arch: str | None) -> list[str]:
     return args + extra
 
 
+def is_native(args: Sequence[str]) -> bool:
+    """Does the build compile for this CPU (-march=native)? ggml's default unless GGML_NATIVE is turned off."""
+    native = True
+    for a in args:
+        m = re.fullmatch(r"-DGGML_NATIVE(?::BOOL)?=(\S+)", a, flags=re.I)
+        if m:
+            native = m.group(1).upper() in ("ON", "1", "TRUE", "YES", "Y")
+    return native
+
+
+def compiler_identity() -> str:
+    """The C++ compiler CMake will pick (CXX, else c++), by its version line: another compiler, another binary
+    (GCC 12 is the one that miscompiles the AMX tile configuration)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return f"{cxx}: unknown"
+    return f"{cxx}: {out.splitlines()[0] if out else 'unknown'}"
+
+
+def cache_key(series_sha256: str, args: Sequence[str], cpu_flags: frozenset[str] | set[str], compiler: str) -> str:
+    """The wheel cache key: everything that changes the binary. The patch series, the CMake arguments
+    (CMAKE_ARGS, CUDA architectures, --portable), the compiler, and for a native build (-march=native) the CPU's
+    feature set: a native wheel from one CPU can die with SIGILL on another."""
+    parts = [series_sha256, " ".join(args), compiler]
+    if is_native(args):
+        parts.append("native:" + " ".join(sorted(cpu_flags)))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+_STEP = re.compile(r"\[(\d+)/(\d+)\]")
+
+
+class Progress:
+    """One updating line for a long build: the compile step (ninja's [n/N]) and the elapsed time.
+
+    On a terminal it rewrites one line; elsewhere (CI logs) it prints a line every 10% or minute at most.
+    """
+
+    def __init__(self, out=None) -> None:
+        self.out = out or sys.stderr
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self.start = time.monotonic()
+        self.step, self.total, self._shown = 0, 0, (0.0, -1)
+
+    def line(self) -> str:
+        m, sec = divmod(int(time.monotonic() - self.start), 60)
+        where = f"step {self.step} of {self.total}" if self.total else "configuring"
+        return f"building llama-cpp-python: {where}, {m}:{sec:02d} elapsed"
+
+    def feed(self, text: str) -> None:
+        found = _STEP.search(text)
+        if found:
+            self.step, self.total = int(found.group(1)), int(found.group(2))
+        now, tenth = time.monotonic() - self.start, self.step * 10 // max(self.total, 1)
+        if self.tty:
+            if now - self._shown[0] >= 0.5 or found and self.step == self.total:
+                self.out.write("\r" + self.line().ljust(72))
+                self.out.flush()
+                self._shown = (now, tenth)
+        elif found and (tenth > self._shown[1] or now - self._shown[0] >= 60):
+            self.out.write(self.line() + "\n")
+            self.out.flush()
+            self._shown = (now, tenth)
+
+    def close(self) -> None:
+        if self.tty:
+            self.out.write("\r" + self.line().ljust(72) + "\n")
+            self.out.flush()
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 def build_wheel(src_root: Path, build_dir: Path, out_dir: Path, args: Sequence[str], jobs: int | None,
-                log: Path) -> Path:
-    """pip wheel the patched tree with a persistent scikit-build-core build dir; output goes to the log too."""
+                log: Path, progress: Progress | None = None) -> Path:
+    """pip wheel the patched tree with a persistent scikit-build-core build dir. The compiler's output goes to the
+    log only; the terminal gets one progress line, and on failure the log's path and its last lines."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(src_root / "llama_cpp" / "lib", ignore_errors=True)  # CMake re-installs it; no stale backends
     env = {**os.environ, "CMAKE_ARGS": " ".join(args)}
@@ -299,18 +400,40 @@ def build_wheel(src_root: Path, build_dir: Path, out_dir: Path, args: Sequence[s
     cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-cache-dir", "-w", str(out_dir),
            "-C", f"build-dir={build_dir}", "-C", "build.verbose=false", str(src_root)]
     log.parent.mkdir(parents=True, exist_ok=True)
+    progress = progress or Progress()
     with log.open("w") as fh:
         fh.write("$ " + " ".join(cmd) + f"\nCMAKE_ARGS={env['CMAKE_ARGS']}\n")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            sys.stdout.write(line)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                progress.feed(line)
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:  # Ctrl-C: stop the compiler too
+                proc.kill()
+                proc.wait()
+            progress.close()
     wheels = sorted(out_dir.glob("llama_cpp_python-*.whl"))
     if rc != 0 or not wheels:
-        raise RuntimeBuildError(f"building the patched llama-cpp-python failed (exit {rc}); log: {log}")
+        raise RuntimeBuildError(f"building the patched llama-cpp-python failed (exit {rc}); full log: {log}\n"
+                                f"last lines:\n{tail(log)}")
     return wheels[-1]
+
+
+def check_wheel(wheel: Path) -> str:
+    """Read the CPU backend's machine code in a built wheel: the AMX tile configuration must be stored before
+    ``ldtilecfg`` (cpu.library_tile_config). Returns its state; a broken one is refused, never cached."""
+    with zipfile.ZipFile(wheel) as zf, tempfile.TemporaryDirectory(prefix="gguf-mtp-check-") as tmp:
+        names = [n for n in zf.namelist() if re.search(r"/libggml-cpu[^/]*\.so[.0-9]*$", n)]
+        states = []
+        for n in names:
+            states.append(cpu.library_tile_config(Path(zf.extract(n, tmp))))
+    if "broken" in states:
+        raise RuntimeBuildError(f"{wheel.name}: the AMX tile configuration in libggml-cpu is miscompiled (its "
+                                "rows/colsb stores are missing before ldtilecfg); the wheel would crash on AMX CPUs")
+    return "unknown" if "unknown" in states else "ok" if "ok" in states else "absent"
 
 
 def install_wheel(wheel: Path) -> None:
@@ -323,13 +446,13 @@ def install_wheel(wheel: Path) -> None:
 
 def build_runtime(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False,
                   install: bool = True, sdist: Path | None = None, patch_dir: Path | None = None,
-                  cache: Path | None = None) -> BuildResult:
-    """Fetch, patch, build (incrementally) and install the runtime; a cached wheel of this series is reused."""
+                  cache: Path | None = None, portable: bool = False) -> BuildResult:
+    """Fetch, patch, build (incrementally) and install the runtime; a cached wheel of the same key is reused."""
     series = load_series(patch_dir)
     cache = cache or cache_dir()
-    variant = variant_name(cuda, cuda_arch)
-    args = cmake_args(cuda, cuda_arch)
-    key = hashlib.sha256((series.sha256 + "\0" + " ".join(args)).encode()).hexdigest()[:16]
+    variant = variant_name(cuda, cuda_arch, portable)
+    args = cmake_args(cuda, cuda_arch, portable)
+    key = cache_key(series.sha256, args, cpu.cpu_flags(), compiler_identity())
     wheel_dir = cache / "wheels" / f"{variant}-{key}"
     with _locked(cache):
         cached = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
@@ -343,6 +466,11 @@ def build_runtime(cuda: bool = False, cuda_arch: str | None = None, jobs: int | 
             shutil.rmtree(wheel_dir, ignore_errors=True)
             wheel = build_wheel(src_root, cache / "build" / variant, wheel_dir, args, jobs,
                                 cache / "logs" / f"build-{variant}.log")
+            try:
+                check_wheel(wheel)
+            except RuntimeBuildError:
+                shutil.rmtree(wheel_dir, ignore_errors=True)
+                raise
             built = True
         if install:
             install_wheel(wheel)
@@ -365,6 +493,10 @@ class RuntimeInfo:
     patches: list[str] = field(default_factory=list)
     expected_series: int | None = None  # what this checkout's patches/llama.cpp would build
     expected_patches: list[str] = field(default_factory=list)
+    cpu_flags: list[str] = field(default_factory=list)  # the kernel's flags that select llama.cpp's CPU kernels
+    cpu_features: dict[str, bool] = field(default_factory=dict)  # what llama.cpp reports (llama_print_system_info)
+    amx: dict = field(default_factory=dict)  # cpu.AmxStatus: is the AMX path usable in this process, and safe
+    last_load: dict = field(default_factory=dict)  # extra buffer types the last loaded models used (load_record)
 
     @property
     def patched(self) -> bool:
@@ -422,6 +554,17 @@ def patch_declaration(lib: ctypes.CDLL) -> str | None:
     return (fn() or b"").decode()
 
 
+def loaded_patches() -> tuple[str, ...]:
+    """The patch topics the llama-cpp-python in this process carries (empty: stock, or not installed)."""
+    try:
+        from llama_cpp import llama_cpp as bindings
+    except ImportError:
+        return ()
+    declared = patch_declaration(bindings._lib)
+    parsed = parse_declared(declared) if declared else None
+    return parsed[1] if parsed else ()
+
+
 def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
     """Inspect the llama-cpp-python importable in this process (imports it, loading libllama)."""
     try:
@@ -438,6 +581,8 @@ def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
     backends, devices = _devices(lib)
     declared = patch_declaration(lib)
     parsed = parse_declared(declared) if declared else None
+    patches = list(parsed[1]) if parsed else []
+    flags = cpu.cpu_flags()
     return RuntimeInfo(
         installed=True,
         llama_cpp_python=getattr(llama_cpp, "__version__", None),
@@ -446,15 +591,56 @@ def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
         backends=backends,
         devices=devices,
         patch_series=parsed[0] if parsed else None,
-        patches=list(parsed[1]) if parsed else [],
+        patches=patches,
+        cpu_flags=cpu.kernel_flags(flags),
+        cpu_features=cpu.parse_system_info((bindings.llama_print_system_info() or b"").decode()),
+        amx=cpu.amx_status(cpu_library(), AMX_TILE_CONFIG in patches, flags).to_dict(),
+        last_load=read_load_record(),
         **exp,
     )
+
+
+def cpu_library() -> Path | None:
+    """The loaded llama-cpp-python's CPU backend library (libggml-cpu), where its machine code can be read."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    found = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-cpu*.so*"))
+    return found[0] if found else None
+
+
+# --- which buffer types the last loads used ----------------------------------------------------------
+
+def load_record_path() -> Path:
+    return cache_dir() / "last-load.json"
+
+
+def write_load_record(models: dict[str, list[str]]) -> None:
+    """Remember which buffer types each model of the last load used ({path: ["CPU", "CPU_REPACK", ...]}), for
+    ``runtime info``. Best effort: a read-only cache only loses this note."""
+    path = load_record_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": models}, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def read_load_record() -> dict:
+    try:
+        data = json.loads(load_record_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def supports_centroid_head() -> bool:
     """Does the loaded runtime load centroid-head drafters (for pairing.check_set(runtime_centroids=...))?"""
     try:
-        return runtime_info().centroid_head
+        return CENTROID_HEAD in loaded_patches()
     except Exception:  # noqa: BLE001 - a broken install simply has no patches
         return False
 
@@ -471,6 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild even if a wheel of this series is cached")
     b.add_argument("--no-install", action="store_true", help="only build the wheel")
     b.add_argument("--sdist", type=Path, help="use this llama-cpp-python 0.3.36 sdist archive (no download)")
+    b.add_argument("--portable", action="store_true", help="no -march=native: an AVX2 baseline that runs on other "
+                   "x86-64 CPUs (for a shared cache or a copied wheel)")
     i = sub.add_parser("info", help="which llama-cpp-python is loaded, its backends and our patches in it")
     i.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -483,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.print_help()
             return 2
         r = build_runtime(cuda=args.cuda, cuda_arch=args.cuda_arch, jobs=args.jobs, force=args.force,
-                          install=not args.no_install, sdist=args.sdist)
+                          install=not args.no_install, sdist=args.sdist, portable=args.portable)
         how = "built" if r.built else "cached"
         print(f"{how} {r.wheel}" + (" and installed" if r.installed else ""))
         return 0
@@ -499,6 +687,7 @@ def _describe(info: RuntimeInfo) -> str:
     lines = [f"llama-cpp-python: {info.llama_cpp_python}", f"library: {info.library}",
              f"backends: {', '.join(info.backends) or 'unknown'} (GPU offload: {'yes' if info.gpu_offload else 'no'})",
              f"gguf-mtp patches: {patches}"]
+    lines.append(f"CPU flags: {' '.join(info.cpu_flags) or 'none'}; AMX usable: {'yes' if info.amx.get('usable') else 'no'}")
     if info.up_to_date is False:
         lines.append(f"this checkout's series is gguf_mtp.{info.expected_series}: "
                      f"{', '.join(info.expected_patches)} (rebuild: gguf-mtp runtime build)")

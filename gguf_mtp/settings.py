@@ -33,6 +33,7 @@ class RuntimeSettings:
     cache_type_v: str = "f16"
     flash_attn: str = "auto"
     swa_full: bool = False
+    repack: bool = True  # CPU weights in llama.cpp's extra buffer types (CPU_REPACK, AMX); llama-server --no-repack
     n_ctx: int = 4096
     n_batch: int = 512
     n_ubatch: int = 512

@@ -234,6 +234,71 @@ def test_cli_shows_or_hides_thoughts(runtime_ggufs, monkeypatch):
     assert code == 0 and out == "the answer\n"
 
 
+def test_cli_help_lists_the_commands_and_the_chat_goes_on(runtime_ggufs):
+    from gguf_mtp.cli.conversation import COMMANDS
+
+    target, drafter = runtime_ggufs["tiny-e"]
+    code, out, err = run_chat("--target", str(target), "--drafter", str(drafter), "-n", "6", *FAST,
+                              input="/help\nthe cat sat\n/exit\nnever sent\n")
+    assert code == 0, err
+    assert all(re.search(rf"^  {c.name}\b.*{re.escape(c.help)}$", err, re.M) for c in COMMANDS), err
+    assert len(SUMMARY.findall(err)) == 1 and "error" not in err, err  # the message after /help got its reply
+
+
+# A line that cannot be done is one error line (exit 2 at the end, for scripts); the next message still gets a reply.
+@pytest.mark.parametrize("args,line,message", [
+    ([], "/foo bar", "unknown command /foo; commands: /help, /image PATH, /reset, /stats, /exit"),
+    ([], "/", "unknown command /; commands: /help"),
+    ([], "/image", "/image: expected PATH"),
+    ([], "/image cat.png", "/image needs a vision projector: restart with --mmproj FILE"),
+    (["--mmproj", "{mmproj}"], "/image missing.png", "image missing.png does not exist"),
+    ([], "word " * 600, "this message needs"),
+], ids=["unknown", "slash-alone", "image-without-path", "image-without-projector", "image-missing", "too-long"])
+def test_cli_a_refused_line_does_not_end_the_chat(runtime_ggufs, projectors, args, line, message):
+    target, drafter = runtime_ggufs["tiny-e"]
+    args = [a.replace("{mmproj}", str(projectors.get())) for a in args]
+    code, out, err = run_chat("--target", str(target), "--drafter", str(drafter), *args, "-n", "6", *FAST,
+                              input=f"{line}\nthe cat sat\n")
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert len(SUMMARY.findall(err)) == 1, err
+
+
+def test_cli_ctrl_c_stops_the_reply_and_the_chat_goes_on(runtime_ggufs, monkeypatch):
+    """Ctrl-C inside the loop's generator: after a few rounds the partial reply stays (the next prompt reads it
+    from the cache); before the first round the message is dropped. Either way the next message gets its reply."""
+    import contextlib
+
+    import gguf_mtp.runtime.chat as chat_module
+
+    real, calls = chat_module.speculative_generate, []
+
+    def interrupted_first_call(*args, **kw):
+        calls.append(1)
+        with contextlib.closing(real(*args, **kw)) as rounds:
+            for i, r in enumerate(rounds):
+                if len(calls) == 1 and i == rounds_before_ctrl_c:
+                    raise KeyboardInterrupt
+                yield r
+
+    monkeypatch.setattr(chat_module, "speculative_generate", interrupted_first_call)
+    target, drafter = runtime_ggufs["tiny-e"]
+    second = {}
+    for rounds_before_ctrl_c, said in [(3, "(reply stopped: what it said so far stays in the conversation)"),
+                                       (0, "(stopped before the reply began: the message is not in the conv")]:
+        calls.clear()
+        code, out, err = run_chat("--target", str(target), "--drafter", str(drafter), "-n", "12", "--draft-max", "2",
+                                  "--system", SYSTEM, *FAST, input="the cat sat on the mat\nand then\n/stats\n")
+        assert code == 0 and said in err and "error" not in err, err
+        (_, prompt, read, cached), = [tuple(map(int, t)) for t in SUMMARY.findall(err)]  # only the second message
+        assert cached + read == prompt and len(calls) == 2, err
+        second[rounds_before_ctrl_c] = prompt, cached
+        assert re.search(r"^│ 2 ", out, re.M) if rounds_before_ctrl_c else not re.search(r"^│ 2 ", out, re.M), out
+    (kept_prompt, kept_cached), (dropped_prompt, dropped_cached) = second[3], second[0]
+    assert kept_prompt > dropped_prompt  # the conversation holds the first message and the partial reply
+    assert kept_cached > dropped_cached  # ... and the cache held them: the engine trimmed it to the partial reply
+
+
 @pytest.mark.parametrize("args,script,code,message", [
     (["--image", "missing.png", "--mmproj", "{mmproj}"], "", 2, "image missing.png does not exist"),
     (["--image", "x.png"], "", 2, "--image needs a vision projector"),

@@ -101,6 +101,37 @@ def _items(b: planner.Breakdown, device: str) -> dict[str, int]:
     return {c: n for (d, c), n in b.items.items() if d == device}
 
 
+def test_amx_repacked_cpu_weights() -> None:
+    """On a CPU whose AMX buffer type llama.cpp uses, CPU-resident matmul weights grow by the AMX layout's extra
+    bytes per block. Measured there (../shared/notes/cpu.md): E2B Q4_K_M target on the CPU, llama.cpp
+    3,755,679,840 bytes vs 3,730,606,176 planned for plain buffers: 25,073,664 more."""
+    files = planner.files_from_variant("E2B", "Q4_K_M", "Q8_0")
+    s = RuntimeSettings(n_ctx=4096, n_gpu_layers=0, drafter_on_gpu=False)
+    plain, amx = planner.breakdown(files, s), planner.breakdown(files, s, cpu_amx=True)
+
+    def target_weights(b: planner.Breakdown) -> int:
+        return sum(n for (_, c), n in b.items.items() if c.startswith("target") and "buffer" not in c)
+
+    assert target_weights(amx) - target_weights(plain) == 25_073_664
+    assert planner.breakdown(files, s.replace(repack=False), cpu_amx=True).items == plain.items  # --no-repack
+    on_gpu = RuntimeSettings(n_ctx=4096)  # everything but the input layer on the GPU: AMX changes nothing there
+    assert planner.breakdown(files, on_gpu, cpu_amx=True).items == planner.breakdown(files, on_gpu).items
+
+
+@pytest.mark.parametrize("qtype, shape, expected", [
+    ("Q8_0", (2048, 512), 512 * 64 * (34 + 4)),  # 4-byte compensation per 32-block
+    ("Q4_K", (2048, 512), 512 * 8 * (144 + 4)),
+    ("IQ4_XS", (2048, 512), 512 * 8 * (136 + 2)),
+    ("Q6_K", (2048, 512), 512 * 8 * 210),
+    ("Q4_K", (2048, 500), None),  # rows not a multiple of 32
+    ("Q4_K", (2000, 512), None),  # not whole 256-blocks
+    ("Q5_0", (2048, 512), None),  # no AMX kernel
+    ("Q8_0", (2048, 512, 8), None),  # MoE experts (MUL_MAT_ID)
+])
+def test_amx_weight_sizes(qtype, shape, expected) -> None:
+    assert memory.amx_weight_bytes(qtype, shape) == expected
+
+
 def test_input_layer_stays_on_cpu_and_tied_head_is_a_gpu_copy() -> None:
     files = planner.files_from_variant("E2B", "Q4_K_M", "Q8_0")
     b = planner.breakdown(files, RuntimeSettings(n_ctx=4096))

@@ -6,12 +6,14 @@ applied to a copy of the sdist's files it touches (marked upstream: needs the un
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,6 @@ from gguf_mtp.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def touched_files(patch: Path) -> list[str]:
-    return re.findall(r"^diff --git a/(\S+) b/", patch.read_text(), flags=re.M)
 
 
 # --- the series ----------------------------------------------------------------------------------
@@ -45,7 +44,7 @@ def test_patches_are_git_format_patch_series():
         text = p.read_text()
         assert text.startswith("From 0000000000000000000000000000000000000000 ")
         assert re.search(r"^Subject: \[PATCH \d+/\d+\] \S", text, flags=re.M), p.name
-        assert touched_files(p), p.name
+        assert rb.touched_files(p), p.name
 
 
 def test_label_satisfies_the_pin():
@@ -54,12 +53,13 @@ def test_label_satisfies_the_pin():
 
 
 def test_inconsistent_series_is_refused(tmp_path):
-    for p in rb.load_series().patches:
+    series = rb.load_series()
+    for p in series.patches:
         (tmp_path / p.name.replace("gguf-mtp-version", "renamed")).write_bytes(p.read_bytes())
     with pytest.raises(rb.RuntimeBuildError, match="declares topics"):
         rb.load_series(tmp_path)
     (tmp_path / "0007-stray.patch").write_text("")
-    with pytest.raises(rb.RuntimeBuildError, match="expected name 0003-"):
+    with pytest.raises(rb.RuntimeBuildError, match=f"expected name {len(series.patches) + 1:04d}-"):
         rb.load_series(tmp_path)
     with pytest.raises(rb.RuntimeBuildError, match="no patches"):
         rb.load_series(tmp_path / "missing")
@@ -82,7 +82,7 @@ def test_series_applies_to_a_fresh_sdist(tmp_path):
     src = llama_cpp_dir()
     series = rb.load_series()
     tree = tmp_path / "vendor" / "llama.cpp"
-    for rel in {f for p in series.patches for f in touched_files(p)}:
+    for rel in {f for p in series.patches for f in rb.touched_files(p)}:
         dst = tree / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if (src / rel).is_file():
@@ -154,13 +154,98 @@ def test_cached_wheel_is_reused_without_building(monkeypatch, tmp_path):
     monkeypatch.setattr(rb, "fetch_sdist", no_build)
     monkeypatch.delenv("CMAKE_ARGS", raising=False)
     series = rb.load_series()
-    key = rb.hashlib.sha256((series.sha256 + "\0").encode()).hexdigest()[:16]
+    key = rb.cache_key(series.sha256, [], rb.cpu.cpu_flags(), rb.compiler_identity())
     wheel_dir = tmp_path / "wheels" / f"cpu-{key}"
     wheel_dir.mkdir(parents=True)
     wheel = wheel_dir / f"llama_cpp_python-{series.label}-py3-none-linux_x86_64.whl"
     wheel.write_bytes(b"")
     r = rb.build_runtime(install=False, cache=tmp_path)
     assert (r.wheel, r.built, r.installed, r.version) == (wheel, False, False, series.label)
+    # the same series on another CPU (a native build) is not that wheel: it would build
+    monkeypatch.setattr(rb.cpu, "cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_int8"}))
+    with pytest.raises(AssertionError, match="should not build"):
+        rb.build_runtime(install=False, cache=tmp_path)
+
+
+AVX2 = frozenset({"avx", "avx2", "fma", "f16c"})
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
+GCC12 = "c++: c++ (Debian 12.2.0-14+deb12u1) 12.2.0"
+
+
+def test_cache_key_covers_everything_that_changes_the_binary():
+    base = rb.cache_key("s" * 64, [], AVX512, GCC12)
+    assert base == rb.cache_key("s" * 64, [], set(AVX512), GCC12)  # deterministic, order-free
+    assert rb.cache_key("t" * 64, [], AVX512, GCC12) != base  # patch series
+    assert rb.cache_key("s" * 64, ["-DGGML_AVX512=OFF"], AVX512, GCC12) != base  # CMAKE_ARGS
+    assert rb.cache_key("s" * 64, ["-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=86"], AVX512, GCC12) != \
+        rb.cache_key("s" * 64, ["-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=89"], AVX512, GCC12)  # CUDA arch
+    assert rb.cache_key("s" * 64, [], AVX2, GCC12) != base  # native build, another CPU: SIGILL otherwise
+    assert rb.cache_key("s" * 64, [], AVX512, "c++: g++ 13.2.0") != base  # another compiler
+    portable = rb.cmake_args(False, None, portable=True)
+    assert not rb.is_native(portable)
+    assert rb.cache_key("s" * 64, portable, AVX2, GCC12) == rb.cache_key("s" * 64, portable, AVX512, GCC12)
+
+
+@pytest.mark.parametrize("args, native", [
+    ([], True), (["-DGGML_NATIVE=OFF"], False), (["-DGGML_NATIVE=off", "-DGGML_NATIVE=ON"], True),
+    (["-DGGML_NATIVE:BOOL=0"], False), (["-DGGML_CUDA=on"], True),
+])
+def test_native_builds_are_recognised(args, native):
+    assert rb.is_native(args) is native
+
+
+def test_portable_variant_and_args(monkeypatch):
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    assert rb.variant_name(False, None, portable=True) == "cpu-portable"
+    assert rb.variant_name(True, "86", portable=True) == "cuda-86-portable"
+    args = rb.cmake_args(False, None, portable=True)
+    assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AVX2=ON" in args
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_AVX512=ON")
+    assert rb.cmake_args(False, None, portable=True)[-1] == "-DGGML_AVX512=ON"  # the user's CMAKE_ARGS win
+
+
+def test_progress_is_one_line_per_tenth_off_a_terminal():
+    out = io.StringIO()
+    p = rb.Progress(out)
+    p.feed("-- Configuring done\n")
+    for i in range(1, 201):
+        p.feed(f"[{i}/200] /usr/bin/c++ -O3 -c x{i}.cpp\n")
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert 9 <= len(lines) <= 11 and all(re.fullmatch(r"building llama-cpp-python: step \d+ of 200, \d+:\d\d elapsed", ln)
+                                          for ln in lines)
+    assert "c++" not in out.getvalue()
+
+
+def test_failed_build_names_the_log_and_its_last_lines(monkeypatch, tmp_path):
+    src = tmp_path / "src"
+    (src / "llama_cpp").mkdir(parents=True)
+    fake = tmp_path / "fake_pip.py"
+    fake.write_text("import sys\nfor i in range(1, 4): print(f'[{i}/3] compiling x{i}.cpp')\n"
+                    "print('x3.cpp:1:1: error: expected unqualified-id')\nsys.exit(1)\n")
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(rb.subprocess, "Popen", lambda cmd, **kw: real_popen([sys.executable, str(fake)], **kw))
+    out = io.StringIO()
+    log = tmp_path / "logs" / "build.log"
+    with pytest.raises(rb.RuntimeBuildError) as e:
+        rb.build_wheel(src, tmp_path / "build", tmp_path / "wheels", [], None, log, rb.Progress(out))
+    msg = str(e.value)
+    assert str(log) in msg and "error: expected unqualified-id" in msg
+    assert "[3/3] compiling x3.cpp" in log.read_text() and "compiling" not in out.getvalue()
+
+
+def test_a_broken_wheel_is_refused(tmp_path, monkeypatch):
+    wheel = tmp_path / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("llama_cpp/lib/libggml-cpu.so", b"\x7fELF")
+        zf.writestr("llama_cpp/lib/libllama.so", b"\x7fELF")
+    seen = []
+    monkeypatch.setattr(rb.cpu, "library_tile_config", lambda p: seen.append(p.name) or "broken")
+    with pytest.raises(rb.RuntimeBuildError, match="miscompiled"):
+        rb.check_wheel(wheel)
+    assert seen == ["libggml-cpu.so"]
+    monkeypatch.setattr(rb.cpu, "library_tile_config", lambda p: "absent")
+    assert rb.check_wheel(wheel) == "absent"
 
 
 def test_missing_sdist_archive_is_one_clear_error(tmp_path):

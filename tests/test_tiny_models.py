@@ -168,6 +168,21 @@ def test_force_replaces_and_refusal_keeps(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-dense"]  # no temp directories left
 
 
+def test_speed_pair_refuses_to_overwrite_before_building(tmp_path: Path):
+    """The speed pair (gguf-mtp demo, tools/make_speed_pair.py) checks its outputs first: a refusal costs no
+    build and leaves nothing behind. (Building it takes seconds and ~250 MB: tests/test_trained_pair.py's demo
+    test does that once.)"""
+    from gguf_mtp.tiny import speed_pair
+
+    (tmp_path / speed_pair.DRAFTER_FILE).write_bytes(b"earlier")
+    with pytest.raises(GgufMtpError, match="exists"):
+        speed_pair.make_speed_pair(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [speed_pair.DRAFTER_FILE]
+    assert (tmp_path / speed_pair.DRAFTER_FILE).read_bytes() == b"earlier"
+    prompts = speed_pair.prompts(3)
+    assert len(set(prompts)) == 3 and all(prompts)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--family", "tiny-x"], "unknown family 'tiny-x'"),
     (["--family", "tiny-dense"], "exists (use --force to overwrite)"),

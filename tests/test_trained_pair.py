@@ -2,7 +2,7 @@
 
 Evidence that the pair is a real one: its drafter predicts its target on held-out text (teacher-forced,
 acceptance by draft position), and the target's own greedy output is not degenerate. Then ``gguf-mtp demo``
-and ``gguf-mtp bench`` end to end (CliRunner, --json).
+(the trained pair, then the speed pair) and ``gguf-mtp bench`` end to end (CliRunner, --json).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gguf_mtp import bench
+from gguf_mtp import bench, demo
 from gguf_mtp.cli import main
+from gguf_mtp.errors import GgufMtpError
 from gguf_mtp.settings import RuntimeSettings
 
 PAIR = bench.TRAINED_PAIR
@@ -25,18 +26,6 @@ NGRAM = 4
 MAX_NGRAM_COVER = 0.5  # the most frequent 4-gram may cover at most half of a greedy continuation
 # flash attention off and an f32 cache: batched and one-token logits agree on the CPU (tests/fixtures/runtime.py)
 SETTINGS = RuntimeSettings(n_ctx=1024, threads=1, flash_attn="off", cache_type_k="f32", cache_type_v="f32")
-
-
-@pytest.fixture(scope="module")
-def trained_ggufs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The shipped pair converted by our exporter (F16, the checkpoint's dtype)."""
-    from gguf_mtp.export import convert
-
-    out = tmp_path_factory.mktemp("trained-pair")
-    target, drafter = out / "target-F16.gguf", out / "drafter-F16.gguf"
-    convert(PAIR / "target", target)
-    convert(PAIR / "drafter", drafter, target=target)
-    return target, drafter
 
 
 def test_shipped_pair_is_small_and_pairs() -> None:
@@ -103,7 +92,7 @@ def test_demo_json(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert [s["name"] for s in doc["steps"]] == ["convert", "quantize", "check", "plan", "generate", "modelfile",
-                                                 "llama-server"]
+                                                 "llama-server", "speed-pair"]
     assert all(s["status"] == "ok" for s in doc["steps"]), doc["steps"]
     assert doc["same_output"] is True
     assert set(doc["tokens_per_second"]) == {"target", "mtp", "adaptive"}
@@ -113,6 +102,33 @@ def test_demo_json(tmp_path: Path) -> None:
     assert Path(doc["modelfile"]).read_text().count("DRAFT ") == 1
     assert doc["llama_server"].startswith("llama-server ") and "--spec-type draft-mtp" in doc["llama_server"]
     assert [m["mode"] for m in doc["modes"]] == ["target", "k=3", "adaptive"]
+    # the speed pair: built in the work directory, every mode's output the target alone's (timings not checked)
+    sp = doc["speed_pair"]
+    assert Path(doc["files"]["speed_target"]).parent == tmp_path / "demo" / "speed-pair"
+    assert Path(doc["files"]["speed_target"]).is_file() and Path(doc["files"]["speed_drafter"]).is_file()
+    assert sp["same_output"] is True and sp["what"] == demo.SPEED_WHAT
+    assert (sp["prompts"], sp["max_tokens"], sp["repeats"]) == (demo.SPEED_PROMPTS, 48, demo.SPEED_REPEATS)
+    assert [m["mode"] for m in sp["modes"]] == ["target", "k=3", "adaptive"]
+    for m in sp["modes"]:
+        assert (m["tokens"], m["same_output"]) == (sp["prompts"] * 48, sp["prompts"]), m["mode"]
+    assert set(sp["tokens_per_second"]) == {"target", "mtp", "adaptive"}
+    assert sp["speedup"] > 0 and sp["speedup_adaptive"] > 0 and len(sp["acceptance_by_position"]) == 3
+
+
+def test_demo_speed_step_fails_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The speed pair's step needs nothing above it and nothing needs it: its failure leaves the other steps
+    as they were, is reported as one line, and makes the exit status 1. (Steps stubbed: no model is run.)"""
+    def broken(d: demo.Demo) -> str:
+        raise GgufMtpError("no room for the speed pair")
+
+    stubbed = [(name, broken if name == "speed-pair" else (lambda d: "fine"), needs)
+               for name, _, needs in demo.STEPS]
+    monkeypatch.setattr(demo, "STEPS", stubbed)
+    res = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path)])
+    assert res.exit_code == 1
+    lines = res.output.splitlines()
+    assert [line.split()[0] for line in lines if line.strip().endswith(": fine")] == ["ok"] * (len(stubbed) - 1)
+    assert " failed  speed-pair: no room for the speed pair" in lines
 
 
 def test_bench_json(trained_ggufs: tuple[Path, Path]) -> None:

@@ -34,11 +34,18 @@ class Group(click.Group):
         except OSError as e:  # a file we cannot read or write (disk full, permissions, I/O error): one line too
             if os.environ.get("GGUF_MTP_DEBUG"):
                 raise
-            click.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+            click.echo(f"error: {error_message(e)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+
+def error_message(e: GgufMtpError | OSError) -> str:
+    """The one line that tells the user what went wrong (an OSError names its file)."""
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return str(e)
 
 
 def print_json(obj: Any) -> None:
@@ -81,6 +88,8 @@ def runtime_options(f: Any) -> Any:
                      help="V cache type (quantized needs flash attention)."),
         click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), help="Flash attention."),
         click.option("--swa-full/--no-swa-full", default=None, help="Full-size sliding-window cache."),
+        click.option("--repack/--no-repack", default=None,
+                     help="Repack CPU weights for the CPU's fast kernels (AMX, AVX-512); on by default."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads."),
     ]
     for opt in reversed(options):
@@ -91,7 +100,7 @@ def runtime_options(f: Any) -> Any:
 def runtime_settings(plan_file: str | None, ctx: int | None, n_gpu_layers: int | None, override_tensor: tuple,
                      n_cpu_moe: int | None, drafter_cpu: bool | None, batch_size: int | None,
                      ubatch_size: int | None, cache_type_k: str | None, cache_type_v: str | None,
-                     flash_attn: str | None, swa_full: bool | None, threads: int | None) -> Any:
+                     flash_attn: str | None, swa_full: bool | None, repack: bool | None, threads: int | None) -> Any:
     from ..settings import RuntimeSettings, load_plan_settings
 
     base = load_plan_settings(plan_file) if plan_file else RuntimeSettings()
@@ -106,7 +115,7 @@ def runtime_settings(plan_file: str | None, ctx: int | None, n_gpu_layers: int |
     return base.replace(n_ctx=ctx, n_gpu_layers=n_gpu_layers, tensor_overrides=overrides, n_cpu_moe=n_cpu_moe,
                         drafter_on_gpu=None if drafter_cpu is None else not drafter_cpu, n_batch=batch_size,
                         n_ubatch=ubatch_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                        flash_attn=flash_attn, swa_full=swa_full, threads=threads)
+                        flash_attn=flash_attn, swa_full=swa_full, repack=repack, threads=threads)
 
 
 @contextlib.contextmanager

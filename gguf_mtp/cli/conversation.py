@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import click
 
 from ..errors import GgufMtpError
-from .common import console, decode_options, err_console, log_to_stderr, print_table, runtime_options, runtime_settings
-
-CHAT_COMMANDS = "/image PATH (attach to your next message), /reset, /stats, /exit"
+from .common import (console, decode_options, err_console, error_message, log_to_stderr, print_table,
+                     runtime_options, runtime_settings)
 
 
 def _chat_status(s: Any, seconds: float) -> str:
@@ -93,9 +96,11 @@ class _ChatView:
 
 
 def _chat_turn(session: Any, text: str, image: Any, hide_thoughts: bool) -> None:
+    """One message and its streamed reply. Ctrl-C stops the reply; the session keeps what was generated (the
+    engine trimmed its cache to exactly that) or, when no token came yet, forgets the message."""
     from ..runtime.chat import Notice, Reply, Text
 
-    reply = None
+    reply, finished = None, len(session.history)
     with _ChatView(session, hide_thoughts) as view:
         events = session.send(text, image)
         try:
@@ -107,8 +112,10 @@ def _chat_turn(session: Any, text: str, image: Any, hide_thoughts: bool) -> None
                 elif isinstance(ev, Reply):
                     reply = ev
         except KeyboardInterrupt:
-            events.close()  # the partial reply stays in the conversation
-            click.echo("\n(interrupted)", err=True)
+            events.close()
+            kept = len(session.history) > finished
+            click.echo("\n(reply stopped: what it said so far stays in the conversation)" if kept
+                       else "\n(stopped before the reply began: the message is not in the conversation)", err=True)
     if reply is not None:
         err_console.print(_chat_summary(reply), style="dim", markup=False, highlight=False, soft_wrap=True)
 
@@ -123,6 +130,115 @@ def _chat_stats(session: Any) -> None:
     rows.append(["all", *total[:3], "", *total[3:5], rate])
     print_table("chat turns", ["turn", "prefill", "cached", "tokens", "tok/s", "drafted", "kept", "acceptance"],
                 rows)
+
+
+# --- the REPL: its state and its commands (one table) -------------------------------------------------------
+@dataclass
+class _Repl:
+    """What the chat's commands act on."""
+
+    session: Any
+    projector: Any
+    hide_thoughts: bool
+    pending: Any = None  # an image waiting for the next message
+    exit_code: int = 0  # the first refused line's; the chat goes on, the exit status tells a script
+
+    def send(self, text: str) -> None:
+        image, self.pending = self.pending, None  # the session owns it from here
+        _chat_turn(self.session, text, image, self.hide_thoughts)
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending.close()
+
+
+def _image(repl: _Repl, arg: str) -> None:
+    if repl.projector is None:
+        raise GgufMtpError("/image needs a vision projector: restart with --mmproj FILE")
+    image = repl.projector.load_image(Path(arg).expanduser())  # no shell expanded ~ here
+    if repl.pending is not None:
+        repl.pending.close()
+    repl.pending = image
+    click.echo(f"(image {image.source}, {image.width}x{image.height}: it goes with your next message)", err=True)
+
+
+def _reset(repl: _Repl, arg: str) -> None:
+    repl.session.reset()
+    click.echo("(conversation cleared)", err=True)
+
+
+class ChatCommand(NamedTuple):
+    name: str
+    args: str  # what must follow the name ("" when nothing)
+    help: str
+    run: Callable[[_Repl, str], bool | None]  # True ends the chat
+    aliases: tuple[str, ...] = ()
+
+
+COMMANDS: tuple[ChatCommand, ...] = (
+    ChatCommand("/help", "", "this list", lambda repl, arg: click.echo(commands_help(), err=True)),
+    ChatCommand("/image", "PATH", "attach an image to your next message (needs --mmproj)", _image),
+    ChatCommand("/reset", "", "forget the conversation (the system prompt stays)", _reset),
+    ChatCommand("/stats", "", "a table of the turns so far", lambda repl, arg: _chat_stats(repl.session)),
+    ChatCommand("/exit", "", "end the chat (so do Ctrl-D, and Ctrl-C at the prompt)", lambda repl, arg: True,
+                ("/quit",)),
+)
+_BY_NAME = {name: c for c in COMMANDS for name in (c.name, *c.aliases)}
+
+
+def _usage(c: ChatCommand, aliases: bool = False) -> str:
+    return " ".join(filter(None, [", ".join((c.name, *c.aliases) if aliases else (c.name,)), c.args]))
+
+
+CHAT_COMMANDS = ", ".join(_usage(c) for c in COMMANDS)
+
+
+def commands_help() -> str:
+    """The command table as text: one command a line."""
+    width = max(len(_usage(c, aliases=True)) for c in COMMANDS)
+    return "\n".join(f"  {_usage(c, aliases=True):<{width}}  {c.help}" for c in COMMANDS)
+
+
+def _command(repl: _Repl, text: str) -> bool:
+    """Run one slash command; True when it ends the chat."""
+    name, arg = (text.split(maxsplit=1) + [""])[:2]
+    cmd = _BY_NAME.get(name)
+    if cmd is None:
+        raise GgufMtpError(f"unknown command {name}; commands: {CHAT_COMMANDS}")
+    if cmd.args and not arg:
+        raise GgufMtpError(f"{cmd.name}: expected {cmd.args}")
+    return bool(cmd.run(repl, arg))
+
+
+def _read(stdin: Any, interactive: bool) -> str | None:
+    """The next line; None at the end of input or on Ctrl-C at the prompt."""
+    if interactive:
+        console.print("[bold]>[/bold] ", end="")
+    try:
+        return stdin.readline() or None
+    except KeyboardInterrupt:
+        if interactive:
+            click.echo("", err=True)
+        return None
+
+
+def _repl(repl: _Repl, stdin: Any, interactive: bool) -> None:
+    """Read and act until /exit, the end of input, or Ctrl-C at the prompt. A line that cannot be done (an
+    unknown command, a missing image, a message too long) is one error line; Ctrl-C stops only what it interrupts."""
+    while (line := _read(stdin, interactive)) is not None:
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if not text.startswith("/"):
+                repl.send(text)
+            elif _command(repl, text):
+                return
+        except (GgufMtpError, OSError) as e:
+            click.echo(f"error: {error_message(e)}", err=True)
+            repl.exit_code = repl.exit_code or getattr(e, "exit_code", 2)
+        except KeyboardInterrupt:
+            click.echo("\n(interrupted)", err=True)
 
 
 @click.command("chat")
@@ -146,7 +262,12 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
 
     The conversation is rendered with the GGUF's chat template each turn and the KV cache is reused, so a turn
     reads only what is new; when the context fills, the oldest turns after the system prompt are dropped.
-    Commands: /image PATH (attach to your next message), /reset, /stats, /exit.
+    Ctrl-C stops a reply and the chat goes on; a line that cannot be done prints one error line and the chat goes
+    on (the exit status is then non-zero).
+
+    \b
+    Commands:
+    {commands}
 
     \b
     Examples:
@@ -155,7 +276,6 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
       printf 'hi\\n/stats\\n' | gguf-mtp chat --target t.gguf --drafter d.gguf -n 64
     """
     import dataclasses
-    from pathlib import Path
 
     from ..pairing import facts_from_gguf, require_compatible
     from ..runtime.chat import ChatSession
@@ -179,6 +299,8 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
                            facts_from_gguf(mmproj))
     stdin = sys.stdin
     interactive = stdin.isatty()
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD rather than end the chat
+        stdin.reconfigure(errors="replace")
     with contextlib.ExitStack() as stack:
         stack.enter_context(log_to_stderr(verbose))
         eng = stack.enter_context(Engine.load(target, drafter, settings, allow_no_drafter=allow_no_drafter))
@@ -187,47 +309,18 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
                               sampling=SamplingParams(temp, top_k, top_p, min_p, seed), accept=accept,
                               max_tokens=max_tokens)
         stack.callback(session.close)
-        pending = proj.load_image(image_path) if image_path else None
+        repl = _Repl(session, proj, hide_thoughts)
+        stack.callback(repl.close)
+        repl.pending = proj.load_image(image_path) if image_path else None
         if interactive:
             what = "MTP drafter" if eng.has_drafter else "no drafter"
             err_console.print(f"[dim]{Path(target).name} ({what}{', vision' if proj else ''}), context "
-                              f"{eng.n_ctx}. Commands: {CHAT_COMMANDS}. Ctrl-D quits.[/dim]", highlight=False)
-        while True:
-            if interactive:
-                console.print("[bold]>[/bold] ", end="")
-            try:
-                line = stdin.readline()
-            except KeyboardInterrupt:
-                break
-            if not line:
-                break
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                if text.startswith("/"):
-                    cmd, _, arg = text.partition(" ")
-                    if cmd in ("/exit", "/quit"):
-                        break
-                    if cmd == "/reset":
-                        session.reset()
-                        click.echo("(conversation cleared)", err=True)
-                    elif cmd == "/stats":
-                        _chat_stats(session)
-                    elif cmd == "/image":
-                        if proj is None:
-                            raise GgufMtpError("/image needs a vision projector: restart with --mmproj FILE")
-                        if not arg.strip():
-                            raise GgufMtpError("/image: expected a file name")
-                        pending = proj.load_image(arg.strip())
-                        click.echo(f"(image {pending.source}, {pending.width}x{pending.height}: it goes with your "
-                                   f"next message)", err=True)
-                    else:
-                        raise GgufMtpError(f"unknown command {cmd}; commands: {CHAT_COMMANDS}")
-                    continue
-                image, pending = pending, None
-                _chat_turn(session, text, image, hide_thoughts)
-            except GgufMtpError as e:
-                if not interactive:
-                    raise
-                click.echo(f"error: {e}", err=True)
+                              f"{eng.n_ctx}. Commands: {CHAT_COMMANDS}. Ctrl-D quits.[/dim]",
+                              highlight=False)
+        _repl(repl, stdin, interactive)
+    if repl.exit_code:
+        raise click.exceptions.Exit(repl.exit_code)
+
+
+# --help lists the commands from the table (click reads the docstring when the command is made)
+chat_cmd.help = inspect.cleandoc(chat_cmd.help).replace("{commands}", commands_help())

@@ -22,8 +22,9 @@ import numpy as np
 from .. import pairing
 from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
-from ..llama_ext import LLAMA_LOG, LogLine, error_lines
+from ..llama_ext import LLAMA_LOG, LogLine, buffer_types, error_lines, model_params
 from ..llama_ext import llama as backend_init
+from ..runtime_build import write_load_record
 from .bindings import FLASH_ATTN_IDS, KV_TYPE_IDS, Batch, BuftOverrides, llama, llama_ext
 
 log = logging.getLogger("gguf_mtp.runtime")
@@ -47,6 +48,7 @@ class Engine:
     draft_ctx: int | None = None
     drafter_problem: str | None = None  # why there is no drafter (allow_no_drafter)
     load_log: list[LogLine] = field(default_factory=list, repr=False)  # what llama.cpp said while loading
+    buffers: dict[str, list[str]] = field(default_factory=dict)  # model path -> buffer types its weights went to
     tokens: list[int] = field(default_factory=list, repr=False)  # the target KV cache: position i holds tokens[i]
 
     # --- loading ------------------------------------------------------------------------------------
@@ -75,8 +77,9 @@ class Engine:
             for pattern, device in overrides.skipped:
                 log.warning("tensor override %s=%s ignored: this llama.cpp build has no %s device", pattern, device,
                             device)
-            model = _load_model(target, settings.n_gpu_layers, overrides, lines)
-            eng = cls(target, drafter, settings, k_max, model, 0)
+            buffers: dict[str, list[str]] = {}
+            model = _load_model(target, settings.n_gpu_layers, settings.repack, overrides, lines, buffers)
+            eng = cls(target, drafter, settings, k_max, model, 0, buffers=buffers)
             try:
                 eng.ctx = _new_context(model, _context_params(settings, k_max), lines, f"{target}: context")
                 if drafter is not None:
@@ -86,11 +89,13 @@ class Engine:
                 raise
         eng.load_log = list(lines)
         eng._setup()
+        write_load_record(eng.buffers)
         return eng
 
     def _attach_drafter(self, path: Path, lines: list[LogLine], allow_missing: bool) -> None:
         try:
-            self.draft_model = _load_model(path, -1 if self.settings.drafter_on_gpu else 0, None, lines)
+            self.draft_model = _load_model(path, -1 if self.settings.drafter_on_gpu else 0, self.settings.repack,
+                                           None, lines, self.buffers)
             cp = _context_params(self.settings, self.k_max)
             cp.ctx_type = llama.LLAMA_CONTEXT_TYPE_MTP
             cp.ctx_other = self.ctx
@@ -121,7 +126,7 @@ class Engine:
         if self.draft_ctx is not None:
             llama_ext.llama_set_embeddings_nextn(self.ctx, True, False)  # one hidden row per batch token
             llama_ext.llama_set_embeddings_nextn(self.draft_ctx, True, True)  # rows only for outputs
-            self._draft_batch = Batch(1, self.n_embd)
+            self._draft_batch = Batch(max(1, self.k_max + 1), self.n_embd)
 
     # --- lifetime -----------------------------------------------------------------------------------
     def _free_drafter(self) -> None:
@@ -270,14 +275,22 @@ class Engine:
 
     def draft_step(self, token: int, pos: int, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One drafter step: (token at pos, previous hidden) -> (logits, hidden for the next step)."""
-        b = self._draft_batch.set([token], pos, "all", embd=hidden[None, :])
+        logits = self.draft_rows([token], pos, hidden[None, :])
+        h = np.ctypeslib.as_array(llama_ext.llama_get_embeddings_nextn_ith(self.draft_ctx, 0), shape=(self.n_embd,))
+        return logits[0], h
+
+    def draft_rows(self, tokens: Sequence[int], pos: int, hidden: np.ndarray) -> np.ndarray:
+        """Several drafter rows in one llama_decode, all at position ``pos`` (a Gemma 4 drafter drafts every step
+        of a round at the same position): row i reads (tokens[i], hidden[i]); returns logits (n, n_vocab).
+
+        The drafter keeps no KV of its own (it reads the target's), so each row is what ``draft_step`` gives for
+        the same inputs; up to k_max + 1 rows cost one drafter call.
+        """
+        b = self._draft_batch.set(tokens, pos, "all", embd=hidden, same_pos=True)
         rc = llama.llama_decode(self.draft_ctx, b)
         if rc != 0:
             raise GgufMtpError(f"drafter decode failed (code {rc}) at position {pos}")
-        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.draft_ctx, 0), shape=(self.n_vocab,))
-        h = np.ctypeslib.as_array(llama_ext.llama_get_embeddings_nextn_ith(self.draft_ctx, 0), shape=(self.n_embd,))
-        return logits, h
-
+        return np.ctypeslib.as_array(llama.llama_get_logits(self.draft_ctx), shape=(len(tokens), self.n_vocab))
 
 def _runtime_centroids() -> bool:
     from . import centroid_support
@@ -286,15 +299,16 @@ def _runtime_centroids() -> bool:
 
 
 # --- llama.cpp parameter structs -------------------------------------------------------------------
-def _load_model(path: Path, n_gpu_layers: int, overrides: BuftOverrides | None, lines: list[LogLine]) -> int:
+def _load_model(path: Path, n_gpu_layers: int, repack: bool, overrides: BuftOverrides | None, lines: list[LogLine],
+                buffers: dict[str, list[str]]) -> int:
     start = len(lines)
-    mp = llama.llama_model_default_params()
-    mp.n_gpu_layers = n_gpu_layers
+    mp = model_params(n_gpu_layers, repack)
     if overrides is not None and overrides.pointer:
         mp.tensor_buft_overrides = overrides.pointer
     model = llama.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise GgufMtpError(f"{path}: llama.cpp could not load it ({error_lines(lines[start:]) or 'no reason logged'})")
+    buffers[str(path)] = buffer_types(lines[start:])
     return model
 
 

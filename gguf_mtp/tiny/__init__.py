@@ -20,6 +20,9 @@ Families (see ``configs.FAMILIES`` for every number):
 
 Same seed, same bytes: tensors draw from per-name generators, tokenizer training is deterministic, JSON is
 written with fixed key order.
+
+``speed_pair`` builds one more pair on these pieces: a ~130M-parameter target and a drafter
+constructed to agree with it, where MTP's speed-up shows on a CPU (``gguf-mtp demo``, bench/bench_speed_pair.py).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-# (role, tensors by name) -> the tensors to write: lets a caller shape the random weights (tools/make_speed_pair.py)
+# (role, tensors by name) -> the tensors to write: lets a caller shape the random weights (speed_pair.py)
 Adjust = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
