@@ -66,7 +66,7 @@ have_cuda_build() {
     [ -d "$SITE/llama_cpp" ] || return 1
     LD_LIBRARY_PATH="$SITE/llama_cpp/lib:${LD_LIBRARY_PATH:-}" PYTHONPATH="$SITE:$REPO" "$PY" - <<'PY' >/dev/null 2>&1
 import sys
-from gguf_mtp.probe import device_memory
+from gguf_mtp.planning.probe import device_memory
 sys.exit(0 if any(name.startswith("CUDA") for name in device_memory()) else 1)
 PY
 }
@@ -113,10 +113,11 @@ import sys
 import time
 from pathlib import Path
 
-from gguf_mtp import plan as planner
-from gguf_mtp.probe import ContextShape, measure, projector_usage
+from gguf_mtp.planning import placement, search
+from gguf_mtp.planning.layout import layout_for
+from gguf_mtp.planning.probe import ContextShape, measure, projector_usage
+from gguf_mtp.planning.skeleton import write_sparse
 from gguf_mtp.settings import RuntimeSettings
-from gguf_mtp.skeleton import layout_for, write_sparse
 
 WORK = Path(os.environ["GPU_CHECK_DIR"]) / "skel"
 WORK.mkdir(parents=True, exist_ok=True)
@@ -156,9 +157,9 @@ def row(case, item, plan_b, llama_b):
 
 
 def check(case, target, drafter, s, *, alloc=False, mmproj=None):
-    files = planner.files_from_paths(target, drafter, mmproj)
-    b = planner.breakdown(files, s)
-    shapes = planner.context_shapes(s, drafter is not None)
+    files = placement.files_from_paths(target, drafter, mmproj)
+    b = placement.breakdown(files, s)
+    shapes = placement.context_shapes(s, drafter is not None)
 
     def cshape(role):
         c = shapes[role]
@@ -191,7 +192,7 @@ def check(case, target, drafter, s, *, alloc=False, mmproj=None):
     if mmproj is not None:
         u = projector_usage(mmproj, s.flash_attn)
         g = sum(v for k, v in u.items() if k.startswith("CUDA"))
-        pb = planner.breakdown(files, s, image_tokens=256)
+        pb = placement.breakdown(files, s, image_tokens=256)
         row(case, "projector GPU (256-token image)", planned(pb, "GPU", "projector"), g)
 
 
@@ -208,7 +209,7 @@ check("31B all-GPU 16k q8_0", *b31, RuntimeSettings(n_ctx=16384, cache_type_k="q
 check("31B -ngl 31, 8k f16", *b31, RuntimeSettings(n_ctx=8192, n_gpu_layers=31))
 check("26B --n-cpu-moe 12, 32k f16", *a26, RuntimeSettings(n_ctx=32768, n_cpu_moe=12))
 for variant, files in (("31B", b31), ("26B-A4B", a26)):
-    p = planner.plan(planner.Request(planner.files_from_paths(*files), 24 * 2**30, 2**30))
+    p = search.plan(search.Request(placement.files_from_paths(*files), 24 * 2**30, 2**30))
     check(f"{variant} 24GiB plan: ctx {p.settings.n_ctx} {p.settings.cache_type_k} (allocated)", *files,
           p.settings, alloc=True)
 

@@ -24,9 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gguf_mtp.probe import compare_with_llama  # noqa: E402
+from gguf_mtp.planning.layout import layout_for  # noqa: E402
+from gguf_mtp.planning.probe import compare_with_llama  # noqa: E402
 from gguf_mtp.settings import RuntimeSettings  # noqa: E402
-from gguf_mtp.skeleton import layout_for, write_sparse  # noqa: E402
+from gguf_mtp.planning.skeleton import write_sparse  # noqa: E402
 
 KV_FA = (("f16", "on"), ("f16", "off"), ("q8_0", "on"), ("q4_0", "on"))
 LIMITS = {"compute": 0.10, "weights": 0.005, "KV cache": 0.005}  # first match wins

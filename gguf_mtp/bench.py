@@ -244,7 +244,7 @@ def teacher_forced_acceptance(engine: Any, tokens: Sequence[int], k: int = 3, st
     import numpy as np
 
     from .runtime.drafters import DraftRequest, MTPDrafter
-    from .runtime.sampling import SamplingParams
+    from .runtime.sampling import SamplingParams, accept_greedy
     from .runtime.stats import Stats
 
     if not engine.has_drafter:
@@ -261,10 +261,7 @@ def teacher_forced_acceptance(engine: Any, tokens: Sequence[int], k: int = 3, st
         y = tokens[p]
         d = drafter(DraftRequest(tokens[:p + 1], p, h, k, SamplingParams(), False, rng)).tokens
         engine.decode([y, *d], outputs="all")
-        best = np.argmax(engine.logits(len(d) + 1), axis=1)
-        kept = 0
-        while kept < len(d) and best[kept] == d[kept]:
-            kept += 1
+        kept, _ = accept_greedy(engine.logits(len(d) + 1), d)
         stats.record_round(len(d), kept)
         engine.truncate(p)
         rows = engine.decode(tokens[p:p + stride])

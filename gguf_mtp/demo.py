@@ -193,7 +193,7 @@ def _check(d: Demo) -> str:
 
 def _plan(d: Demo) -> str:
     from .fsutil import atomic_output
-    from .plan import plan_for_files, shortfall_message
+    from .planning.search import plan_for_files, shortfall_message
 
     d.plan = plan_for_files(d.files["target"], d.files["drafter"], vram=VRAM)
     if not d.plan.fits:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GgufMtpError
+from .keys import Keys
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone
@@ -77,7 +78,7 @@ class GgufInfo:
 
     @property
     def arch(self) -> str:
-        return str(self.metadata.get("general.architecture", ""))
+        return str(self.metadata.get(Keys.General.ARCHITECTURE, ""))
 
     def key(self, name: str, default: Any = None) -> Any:
         """An ``{arch}.name`` key of this file's architecture."""
@@ -187,10 +188,10 @@ def _scan(buf: Any, size: int, path: Path, decode_tokens: bool) -> GgufInfo:
     for _ in range(n_kv):
         key_at = sc.pos
         key = sc.raw_string("key").decode("utf-8", errors="replace")
-        if key in meta or (key == "tokenizer.ggml.tokens" and token_bytes is not None):
+        if key in meta or (key == Keys.Tokenizer.LIST and token_bytes is not None):
             raise sc.fail(f"duplicate key {key!r}", key_at)
         vtype = sc.u32()
-        if key == "tokenizer.ggml.tokens":
+        if key == Keys.Tokenizer.LIST:
             value = sc.value(vtype, raw_strings=True)
             if not isinstance(value, list) or not all(isinstance(t, bytes) for t in value):
                 raise sc.fail("tokenizer.ggml.tokens is not an array of strings", key_at)
@@ -200,7 +201,7 @@ def _scan(buf: Any, size: int, path: Path, decode_tokens: bool) -> GgufInfo:
             continue
         meta[key] = sc.value(vtype)
 
-    alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    alignment = meta.get(Keys.General.ALIGNMENT, DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise GgufMtpError(f"{path}: corrupt GGUF header: general.alignment must be a power of two, got {alignment!r}")
 

@@ -13,21 +13,22 @@ from typing import Any
 
 from . import keys, quanttypes
 from .gguffile import TensorInfo, read_gguf
+from .keys import Keys
 
 ROLE_BY_ARCH = {keys.ARCH_TARGET: "target", keys.ARCH_DRAFTER: "drafter", keys.ARCH_PROJECTOR: "projector"}
 
 # keys worth showing, in this order; "{arch}" expands to the file's architecture. Absent keys are skipped.
 KEY_METADATA = (
-    "general.name", "general.file_type", "general.quantization_version",
-    "{arch}.context_length", "{arch}.embedding_length", "{arch}.embedding_length_out", "{arch}.block_count",
-    "{arch}.feed_forward_length", "{arch}.attention.head_count", "{arch}.attention.head_count_kv",
-    "{arch}.attention.key_length", "{arch}.attention.key_length_swa", "{arch}.attention.sliding_window",
-    "{arch}.attention.shared_kv_layers", "{arch}.embedding_length_per_layer_input", "{arch}.expert_count",
-    "{arch}.expert_used_count", "{arch}.nextn_predict_layers", "{arch}.centroid_count", "{arch}.centroid_top_k",
-    "{arch}.final_logit_softcapping",
-    "clip.vision.projector_type", "clip.vision.projection_dim", "clip.vision.image_size", "clip.vision.block_count",
-    "clip.has_audio_encoder",
-    "quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
+    Keys.General.NAME, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION,
+    Keys.LLM.CONTEXT_LENGTH, Keys.LLM.EMBEDDING_LENGTH, Keys.LLM.EMBEDDING_LENGTH_OUT, Keys.LLM.BLOCK_COUNT,
+    Keys.LLM.FEED_FORWARD_LENGTH, Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV,
+    Keys.Attention.KEY_LENGTH, Keys.Attention.KEY_LENGTH_SWA, Keys.Attention.SLIDING_WINDOW,
+    Keys.Attention.SHARED_KV_LAYERS, Keys.LLM.EMBD_LENGTH_PER_LAYER_INP, Keys.LLM.EXPERT_COUNT,
+    Keys.LLM.EXPERT_USED_COUNT, Keys.LLM.NEXTN_PREDICT_LAYERS, keys.CENTROID_COUNT, keys.CENTROID_TOP_K,
+    Keys.LLM.FINAL_LOGIT_SOFTCAPPING,
+    Keys.ClipVision.PROJECTOR_TYPE, Keys.ClipVision.PROJECTION_DIM, Keys.ClipVision.IMAGE_SIZE,
+    Keys.ClipVision.BLOCK_COUNT, Keys.Clip.HAS_AUDIO_ENCODER,
+    keys.IMATRIX_KEYS["file"], keys.IMATRIX_KEYS["dataset"], keys.IMATRIX_KEYS["entries"],
 )
 _LAYER = re.compile(r"^((?:[a-z]+\.)?blk)\.(\d+)\.")
 
@@ -84,7 +85,7 @@ def role_of(metadata: dict[str, Any]) -> str:
     role = metadata.get(keys.ROLE)
     if role in keys.ROLES:
         return str(role)
-    return ROLE_BY_ARCH.get(str(metadata.get("general.architecture", "")), "unknown")
+    return ROLE_BY_ARCH.get(str(metadata.get(Keys.General.ARCHITECTURE, "")), "unknown")
 
 
 def _layer_of(name: str) -> tuple[str, int]:
@@ -117,7 +118,7 @@ def inspect_gguf(path: str | Path, tensors: bool = False) -> Inspection:
     arch = info.arch
     shown = {}
     for template in KEY_METADATA:
-        k = template.format(arch=arch)
+        k = keys.arch_key(template, arch)
         if k in meta:
             shown[k] = meta[k]
     by_type, layers = _group(info.tensors)
@@ -127,7 +128,7 @@ def inspect_gguf(path: str | Path, tensors: bool = False) -> Inspection:
         gguf_version=info.version,
         arch=arch,
         role=role_of(meta),
-        file_type=quanttypes.ftype_name(meta.get("general.file_type")),
+        file_type=quanttypes.ftype_name(meta.get(Keys.General.FILE_TYPE)),
         n_vocab=len(info.token_bytes) if info.token_bytes is not None else None,
         n_tensors=len(info.tensors),
         n_params=sum(t.n_elements for t in info.tensors),
@@ -136,7 +137,7 @@ def inspect_gguf(path: str | Path, tensors: bool = False) -> Inspection:
         provenance={k: v for k, v in meta.items() if k.startswith("gguf_mtp.")},
         by_type=by_type,
         layers=layers,
-        n_kv=len(meta) + (1 if info.token_bytes is not None and "tokenizer.ggml.tokens" not in meta else 0),
+        n_kv=len(meta) + (1 if info.token_bytes is not None and Keys.Tokenizer.LIST not in meta else 0),
         tensors=[{"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.n_bytes, "offset": t.offset}
                  for t in info.tensors] if tensors else None,
     )

@@ -1,13 +1,18 @@
-"""GGUF names that gguf-mtp owns or relies on: one place, so writer, checker and planner agree.
+"""GGUF names that gguf-mtp owns or relies on: one place, so writer, checker, inspector and planner agree.
 
-See docs/contracts.md. Keys of our own live under ``gguf_mtp.``; architecture keys follow llama.cpp's
-``{arch}.<name>`` templates.
+See docs/contracts.md. llama.cpp's key names are gguf-py's ``Keys`` table (``gguf.constants``), re-exported here as
+``Keys``: ``Keys.LLM.BLOCK_COUNT`` is the template ``"{arch}.block_count"``, expanded with :func:`arch_key`. Keys it
+lacks (the centroid head's, our own provenance and pairing keys) are defined below. No other module spells a key.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+
+from gguf import Keys
+
+__all__ = ["Keys", "arch_key", "vocab_sha256"]
 
 # --- architectures -------------------------------------------------------------------------------
 ARCH_TARGET = "gemma4"
@@ -31,8 +36,24 @@ CENTROID_COUNT = "{arch}.centroid_count"  # u32
 CENTROID_TOP_K = "{arch}.centroid_top_k"  # u32
 
 
+# --- clip.cpp keys gguf-py's table lacks (tools/mtmd/clip-impl.h) ----------------------------------------
+CLIP_VISION_HEAD_COUNT_KV = "clip.vision.attention.head_count_kv"
+CLIP_VISION_HEAD_DIM = "clip.vision.attention.head_dim"
+
+# --- what llama.cpp's quantizer records about an importance matrix (tools/quantize/quantize.cpp) ----------
+IMATRIX_KEYS = {
+    "file": "quantize.imatrix.file",
+    "dataset": "quantize.imatrix.dataset",
+    "entries": "quantize.imatrix.entries_count",
+    "chunks": "quantize.imatrix.chunks_count",
+}
+
+# --- synthetic, never written: the planner keeps a vocabulary's size instead of its token list ----------
+N_TOKENS = "tokenizer.ggml.n_tokens"
+
+
 def arch_key(template: str, arch: str) -> str:
-    """Expand an ``{arch}.name`` template (llama.cpp's convention)."""
+    """Expand an ``{arch}.name`` template (llama.cpp's convention); keys without ``{arch}`` come back as they are."""
     return template.format(arch=arch)
 
 

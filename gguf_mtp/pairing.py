@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keys
+from .keys import Keys
 from .errors import GgufMtpError, IncompatiblePair
 
 FIELDS = (
@@ -71,36 +72,36 @@ def _last(layout: str, kind: str, values: list) -> Any:
 
 def facts_from_metadata(meta: Mapping[str, Any], token_bytes: Sequence[bytes] | None = None) -> ModelFacts:
     """Facts of a gemma4 / gemma4-assistant / clip file from its metadata (any writer's, not only ours)."""
-    arch = str(meta.get("general.architecture", ""))
+    arch = str(meta.get(Keys.General.ARCHITECTURE, ""))
     if arch == keys.ARCH_PROJECTOR:
-        return ModelFacts(arch=arch, hidden_size=meta.get("clip.vision.projection_dim"))
+        return ModelFacts(arch=arch, hidden_size=meta.get(Keys.ClipVision.PROJECTION_DIM))
 
-    def k(name: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{name}", default)
+    def k(template: str, default: Any = None) -> Any:
+        return meta.get(keys.arch_key(template, arch), default)
 
-    pattern = k("attention.sliding_window_pattern") or []
-    n_layer = int(k("block_count", len(pattern) if isinstance(pattern, list) else 0) or 0)
+    pattern = k(Keys.Attention.SLIDING_WINDOW_PATTERN) or []
+    n_layer = int(k(Keys.LLM.BLOCK_COUNT, len(pattern) if isinstance(pattern, list) else 0) or 0)
     layout = "".join("S" if s else "F" for s in _per_layer(pattern, n_layer)) if pattern else ""
-    kv = _per_layer(k("attention.head_count_kv"), n_layer)
-    if token_bytes is None and meta.get("tokenizer.ggml.tokens") is not None:
-        token_bytes = [t.encode("utf-8") for t in meta["tokenizer.ggml.tokens"]]
+    kv = _per_layer(k(Keys.Attention.HEAD_COUNT_KV), n_layer)
+    if token_bytes is None and meta.get(Keys.Tokenizer.LIST) is not None:
+        token_bytes = [t.encode("utf-8") for t in meta[Keys.Tokenizer.LIST]]
     vocab_hash = keys.vocab_sha256(token_bytes) if token_bytes is not None else meta.get(keys.PAIR_VOCAB_SHA256)
     return ModelFacts(
         arch=arch,
-        hidden_size=k("embedding_length"),
-        hidden_out=k("embedding_length_out"),
+        hidden_size=k(Keys.LLM.EMBEDDING_LENGTH),
+        hidden_out=k(Keys.LLM.EMBEDDING_LENGTH_OUT),
         n_vocab=len(token_bytes) if token_bytes is not None else None,
         vocab_sha256=vocab_hash,
-        head_dim_swa=k("attention.key_length_swa"),
-        head_dim_full=k("attention.key_length"),
+        head_dim_swa=k(Keys.Attention.KEY_LENGTH_SWA),
+        head_dim_full=k(Keys.Attention.KEY_LENGTH),
         kv_heads_swa=_last(layout, "S", kv),
         kv_heads_full=_last(layout, "F", kv),
-        sliding_window=k("attention.sliding_window"),
-        rope_base_swa=k("rope.freq_base_swa"),
-        rope_base_full=k("rope.freq_base"),
+        sliding_window=k(Keys.Attention.SLIDING_WINDOW),
+        rope_base_swa=k(Keys.Rope.FREQ_BASE_SWA),
+        rope_base_full=k(Keys.Rope.FREQ_BASE),
         layer_layout=layout,
-        n_shared_kv=int(k("attention.shared_kv_layers", 0) or 0),
-        centroids=k("centroid_count") is not None,
+        n_shared_kv=int(k(Keys.Attention.SHARED_KV_LAYERS, 0) or 0),
+        centroids=k(keys.CENTROID_COUNT) is not None,
     )
 
 
@@ -109,16 +110,16 @@ def facts_from_metadata(meta: Mapping[str, Any], token_bytes: Sequence[bytes] | 
 # hostile value is one clear error instead of a crash or a 4-billion-entry list.
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 INT_KEYS = (
-    "{arch}.block_count", "{arch}.context_length", "{arch}.embedding_length", "{arch}.embedding_length_out",
-    "{arch}.attention.key_length", "{arch}.attention.key_length_swa", "{arch}.attention.sliding_window",
-    "{arch}.attention.shared_kv_layers", "{arch}.expert_count", "{arch}.expert_used_count",
-    "{arch}.expert_feed_forward_length", "{arch}.embedding_length_per_layer_input", "{arch}.centroid_count",
-    "general.file_type", "clip.vision.projection_dim", "clip.vision.embedding_length",
-    "clip.vision.feed_forward_length", "clip.vision.attention.head_count", "clip.vision.patch_size",
-    "clip.vision.projector.scale_factor", "clip.vision.image_size", "clip.vision.block_count",
+    Keys.LLM.BLOCK_COUNT, Keys.LLM.CONTEXT_LENGTH, Keys.LLM.EMBEDDING_LENGTH, Keys.LLM.EMBEDDING_LENGTH_OUT,
+    Keys.Attention.KEY_LENGTH, Keys.Attention.KEY_LENGTH_SWA, Keys.Attention.SLIDING_WINDOW,
+    Keys.Attention.SHARED_KV_LAYERS, Keys.LLM.EXPERT_COUNT, Keys.LLM.EXPERT_USED_COUNT,
+    Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, Keys.LLM.EMBD_LENGTH_PER_LAYER_INP, keys.CENTROID_COUNT,
+    Keys.General.FILE_TYPE, Keys.ClipVision.PROJECTION_DIM, Keys.ClipVision.EMBEDDING_LENGTH,
+    Keys.ClipVision.FEED_FORWARD_LENGTH, Keys.ClipVision.Attention.HEAD_COUNT, Keys.ClipVision.PATCH_SIZE,
+    Keys.ClipVision.Projector.SCALE_FACTOR, Keys.ClipVision.IMAGE_SIZE, Keys.ClipVision.BLOCK_COUNT,
 )
-PER_LAYER_KEYS = ("attention.sliding_window_pattern", "attention.head_count", "attention.head_count_kv",
-                  "feed_forward_length")  # a scalar, or one value per layer
+PER_LAYER_KEYS = (Keys.Attention.SLIDING_WINDOW_PATTERN, Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV,
+                  Keys.LLM.FEED_FORWARD_LENGTH)  # a scalar, or one value per layer
 
 
 def _is_uint(v: Any) -> bool:
@@ -128,21 +129,22 @@ def _is_uint(v: Any) -> bool:
 def check_metadata(meta: Mapping[str, Any], where: str | Path) -> None:
     """Refuse a file whose integer hyper-parameters are not integers, or whose per-layer lists do not match
     its layer count (GgufMtpError naming the key)."""
-    arch = str(meta.get("general.architecture", ""))
+    arch = str(meta.get(Keys.General.ARCHITECTURE, ""))
     for template in INT_KEYS:
-        key = template.format(arch=arch)
+        key = keys.arch_key(template, arch)
         v = meta.get(key)
         if v is not None and not _is_uint(v):
             raise GgufMtpError(f"{where}: {key}: expected an integer from 0 to 2^32-1, got {_short(v)}")
-    n = meta.get(f"{arch}.block_count")
+    block_count = keys.arch_key(Keys.LLM.BLOCK_COUNT, arch)
+    n = meta.get(block_count)
     if n is not None and n > MAX_LAYERS:
-        raise GgufMtpError(f"{where}: {arch}.block_count: {n} layers, llama.cpp allows at most {MAX_LAYERS}")
-    for name in PER_LAYER_KEYS:
-        key = f"{arch}.{name}"
+        raise GgufMtpError(f"{where}: {block_count}: {n} layers, llama.cpp allows at most {MAX_LAYERS}")
+    for template in PER_LAYER_KEYS:
+        key = keys.arch_key(template, arch)
         v = meta.get(key)
         if isinstance(v, list):
             if n is None:
-                raise GgufMtpError(f"{where}: {arch}.block_count is missing ({key} has {len(v)} values)")
+                raise GgufMtpError(f"{where}: {block_count} is missing ({key} has {len(v)} values)")
             if len(v) != n:
                 raise GgufMtpError(f"{where}: {key}: {len(v)} values for {n} layers")
             if len(v) > MAX_LAYERS or not all(_is_uint(x) for x in v):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import quanttypes
+from . import keys, quanttypes
 from .errors import GgufMtpError, IncompatiblePair
 from .fsutil import atomic_output, check_output_path
 from .gguffile import GgufInfo, ggml_type_sizes, read_gguf, tensor_array
@@ -33,16 +33,12 @@ DEFAULT_DRAFTER_TYPE = "Q8_0"  # until acceptance is measured per drafter type o
 # Drafter tensors that keep their source type whatever the preset: the centroid head picks which tokens get
 # scored at all, and it is tiny. (pattern, why) -- matched with llama.cpp's std::regex_search.
 KEEP_SOURCE_TYPE = (
-    (r"^masked_embd_centroids\.weight$", "centroid head: cluster choice is sensitive, and the tensor is small"),
+    ("^" + re.escape(keys.CENTROIDS_TENSOR) + "$",
+     "centroid head: cluster choice is sensitive, and the tensor is small"),
 )
 
 # tools/quantize records the importance matrix under these keys (kv_overrides of the output)
-IMATRIX_KEYS = {
-    "file": "quantize.imatrix.file",
-    "dataset": "quantize.imatrix.dataset",
-    "entries": "quantize.imatrix.entries_count",
-    "chunks": "quantize.imatrix.chunks_count",
-}
+IMATRIX_KEYS = keys.IMATRIX_KEYS
 
 # "[  12/  40] blk.1.attn_q.weight   - [  256,   256,     1,     1], type =    f32, ..."
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+),(.*)$")

@@ -2,8 +2,9 @@
 
 Every number the exporter, planner and runtime need about a variant (layer pattern, KV sharing, drafter
 shape, recommended quants) lives in one JSON file, so a new variant is a data change, not a code change.
-The file is validated against the field tables below (one table per section) and a short list of
-consistency rules; any problem is one ``GgufMtpError`` line that names the file and the key path.
+The file is validated against the dataclasses themselves (each field's type and default say its JSON type
+and whether it may be left out or null; ``at_least`` adds a minimum) and a short list of consistency rules;
+any problem is one ``GgufMtpError`` line that names the file and the key path.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import GgufMtpError
 
 SCHEMA_VERSION = 1
+FAMILY = "gemma4"
 ENV_MODELS = "GGUF_MTP_MODELS"
 MODELS_FILE = "models.json"
 
@@ -47,6 +49,19 @@ class RegistryError(GgufMtpError):
         super().__init__(": ".join([*parts, problem]))
 
 
+# --- what a field's type cannot say ----------------------------------------------------------------
+
+
+def at_least(low: float, **field_options: Any) -> Any:
+    """A dataclass field whose value in models.json must be ``low`` or more."""
+    return dataclasses.field(metadata={"min": low}, **field_options)
+
+
+def map_key() -> Any:
+    """A dataclass field models.json does not spell as a key: the key its section is listed under."""
+    return dataclasses.field(metadata={"map_key": True})
+
+
 # --- the dataclasses ------------------------------------------------------------------------------
 
 
@@ -55,7 +70,7 @@ class LayerPattern:
     """A compact layer pattern: ``unit`` (S = sliding, F = full) repeated ``repeat`` times."""
 
     unit: str
-    repeat: int
+    repeat: int = at_least(1)
 
     def __len__(self) -> int:
         return len(self.unit) * self.repeat
@@ -67,47 +82,47 @@ class LayerPattern:
 
 @dataclass(frozen=True)
 class KVHeads:
-    sliding: int
-    full: int
+    sliding: int = at_least(1)
+    full: int = at_least(1)
 
 
 @dataclass(frozen=True)
 class RopeSpec:
-    sliding_base: float
-    full_base: float
-    full_partial_rotary_factor: float
+    sliding_base: float = at_least(0)
+    full_base: float = at_least(0)
+    full_partial_rotary_factor: float = at_least(0)
 
 
 @dataclass(frozen=True)
 class MoESpec:
-    experts: int
-    top_k: int
-    expert_ffn: int
+    experts: int = at_least(1)
+    top_k: int = at_least(1)
+    expert_ffn: int = at_least(1)
 
 
 @dataclass(frozen=True)
 class TextSpec:
     """The target's text tower, in the terms llama.cpp's gemma4 loader uses."""
 
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
+    layers: int = at_least(1)
+    hidden: int = at_least(1)
+    intermediate: int = at_least(1)
+    heads: int = at_least(1)
     kv_heads: KVHeads
-    head_dim: int
-    global_head_dim: int
+    head_dim: int = at_least(1)
+    global_head_dim: int = at_least(1)
     layer_pattern: LayerPattern
-    sliding_window: int
-    shared_kv_layers: int
-    ple_dim: int
+    sliding_window: int = at_least(1)
+    shared_kv_layers: int = at_least(0)
+    ple_dim: int = at_least(0)
     double_wide_mlp: bool
     attention_k_eq_v: bool
     moe: MoESpec | None
-    vocab: int
-    context: int
-    final_logit_softcap: float | None
+    vocab: int = at_least(1)
+    context: int = at_least(1)
+    final_logit_softcap: float | None = at_least(0)
     rope: RopeSpec
-    rms_eps: float
+    rms_eps: float = at_least(0)
 
     def layer_types(self) -> list[str]:
         return self.layer_pattern.expand()
@@ -142,25 +157,25 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class VisionSpec:
-    width: int
-    layers: int
-    heads: int
-    head_dim: int
-    ffn: int
-    patch_size: int
-    image_size: int
-    pooling_kernel: int
-    position_embeddings: int
-    projection_dim: int
+    width: int = at_least(1)
+    layers: int = at_least(1)
+    heads: int = at_least(1)
+    head_dim: int = at_least(1)
+    ffn: int = at_least(1)
+    patch_size: int = at_least(1)
+    image_size: int = at_least(1)
+    pooling_kernel: int = at_least(1)
+    position_embeddings: int = at_least(1)
+    projection_dim: int = at_least(1)
 
 
 @dataclass(frozen=True)
 class AudioSpec:
-    width: int
-    layers: int
-    heads: int
-    ffn: int
-    output_dim: int
+    width: int = at_least(1)
+    layers: int = at_least(1)
+    heads: int = at_least(1)
+    ffn: int = at_least(1)
+    output_dim: int = at_least(1)
 
 
 @dataclass(frozen=True)
@@ -168,19 +183,19 @@ class DrafterHead:
     """The drafter's LM head: tied "dense", or "centroid" (score ``top_k`` of ``clusters`` token groups)."""
 
     type: str
-    clusters: int | None = None
-    top_k: int | None = None
+    clusters: int | None = at_least(1, default=None)
+    top_k: int | None = at_least(1, default=None)
 
 
 @dataclass(frozen=True)
 class DrafterSpec:
     """The MTP assistant: Q-only layers over the target's KV cache; head dims and KV heads are the target's."""
 
-    layers: int
+    layers: int = at_least(1)
     layer_pattern: LayerPattern
-    hidden: int
-    intermediate: int
-    heads: int
+    hidden: int = at_least(1)
+    intermediate: int = at_least(1)
+    heads: int = at_least(1)
     head: DrafterHead
 
     def layer_types(self) -> list[str]:
@@ -195,14 +210,15 @@ class HFRepos:
 
 @dataclass(frozen=True)
 class Recommended:
-    draft_length: int
+    draft_length: int = at_least(1)
     target_quant: str
     drafter_quant: str
 
 
 @dataclass(frozen=True)
 class ParamsEstimate:
-    """Approximate parameter counts of the GGUF files (tied heads counted once, K/V of shared layers absent).
+    """Parameter counts of the GGUF files as the exporter writes them (tied heads counted once, K/V of shared
+    layers absent, a drafter's centroid head included); audio, which nothing exports yet, by formula.
 
     ``target`` includes the per-layer-embedding table (``target_ple``), which llama.cpp can keep on the
     CPU; ``target_active`` is what one token touches on the GPU side: no PLE table, only top-k experts.
@@ -222,14 +238,15 @@ class ParamsEstimate:
 
 @dataclass(frozen=True)
 class Variant:
-    name: str
+    name: str = map_key()
+    # keyword-only, so it can stand first, where models.json has it (problems are reported in field order)
+    aliases: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
     hf: HFRepos
     text: TextSpec
     vision: VisionSpec | None
     audio: AudioSpec | None
     drafter: DrafterSpec
     recommended: Recommended
-    aliases: tuple[str, ...] = ()
     unconfirmed: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
 
@@ -244,15 +261,29 @@ class Variant:
         return not any(path == u or path.startswith(u + ".") for u in self.unconfirmed)
 
     def params_estimate(self) -> ParamsEstimate:
-        target, ple, inactive = _text_params(self.text)
+        from .planning.layout import param_counts  # sums over the exporter's tensor tables (which sit above us)
+
+        n = param_counts(self)
         return ParamsEstimate(
-            target=target,
-            target_ple=ple,
-            target_active=target - ple - inactive,
-            drafter=_drafter_params(self.drafter, self.text),
-            vision=_vision_params(self.vision) if self.vision else 0,
+            target=n["target"],
+            target_ple=n["target_ple"],
+            target_active=n["target"] - n["target_ple"] - n["target_inactive"],
+            drafter=n["drafter"],
+            vision=n["vision"],
             audio=_audio_params(self.audio) if self.audio else 0,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelsFile:
+    """models.json's top level as written (keyword-only so the fields keep the file's order, which is the
+    order problems are looked for in)."""
+
+    schema_version: int = at_least(1)
+    family: str = FAMILY
+    notes: str = ""
+    sources: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    variants: tuple[Variant, ...]
 
 
 @dataclass(frozen=True)
@@ -261,7 +292,7 @@ class Registry:
     path: Path | None
     variants: tuple[Variant, ...]
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
-    family: str = "gemma4"
+    family: str = FAMILY
 
     @property
     def names(self) -> list[str]:
@@ -313,13 +344,14 @@ def name_key(name: str) -> str:
     return key
 
 
-# --- the schema: one field table per section ---------------------------------------------------------
+# --- the schema, read off the dataclasses -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Field:
     """One key of a section: its JSON type ("int", "float", "bool", "str", "str[]", "map:str",
-    "map:<section>" or a section name), whether it must be present, may be null, and its minimum."""
+    "map:<section>" or a section name, the dataclass's), whether it must be present, may be null, and its
+    minimum."""
 
     name: str
     type: str
@@ -328,111 +360,57 @@ class Field:
     min: float | None = None
 
 
-def _fields(*rows: tuple) -> tuple[Field, ...]:
-    return tuple(Field(*row) for row in rows)
+# Python types of scalar fields -> their JSON type; a dataclass is a section, a tuple of them "map:<section>".
+_JSON_TYPES: dict[Any, str] = {int: "int", float: "float", bool: "bool", str: "str", tuple[str, ...]: "str[]",
+                               Mapping[str, str]: "map:str"}
 
 
-#         name                  type            required nullable min
-SCHEMA: dict[str, tuple[type | None, tuple[Field, ...]]] = {
-    "root": (None, _fields(
-        ("schema_version",      "int",          True,  False, 1),
-        ("family",              "str",          False),
-        ("notes",               "str",          False),
-        ("sources",             "map:str",      False),
-        ("variants",            "map:variant",  True),
-    )),
-    "variant": (Variant, _fields(
-        ("aliases",             "str[]",        False),
-        ("hf",                  "hf",           True),
-        ("text",                "text",         True),
-        ("vision",              "vision",       True,  True),
-        ("audio",               "audio",        True,  True),
-        ("drafter",             "drafter",      True),
-        ("recommended",         "recommended",  True),
-        ("unconfirmed",         "str[]",        False),
-        ("sources",             "str[]",        False),
-    )),
-    "hf": (HFRepos, _fields(
-        ("target",              "str",          True),
-        ("drafter",             "str",          True),
-    )),
-    "text": (TextSpec, _fields(
-        ("layers",              "int",          True,  False, 1),
-        ("hidden",              "int",          True,  False, 1),
-        ("intermediate",        "int",          True,  False, 1),
-        ("heads",               "int",          True,  False, 1),
-        ("kv_heads",            "kv_heads",     True),
-        ("head_dim",            "int",          True,  False, 1),
-        ("global_head_dim",     "int",          True,  False, 1),
-        ("layer_pattern",       "layer_pattern", True),
-        ("sliding_window",      "int",          True,  False, 1),
-        ("shared_kv_layers",    "int",          True,  False, 0),
-        ("ple_dim",             "int",          True,  False, 0),
-        ("double_wide_mlp",     "bool",         True),
-        ("attention_k_eq_v",    "bool",         True),
-        ("moe",                 "moe",          True,  True),
-        ("vocab",               "int",          True,  False, 1),
-        ("context",             "int",          True,  False, 1),
-        ("final_logit_softcap", "float",        True,  True,  0),
-        ("rope",                "rope",         True),
-        ("rms_eps",             "float",        True,  False, 0),
-    )),
-    "kv_heads": (KVHeads, _fields(
-        ("sliding",             "int",          True,  False, 1),
-        ("full",                "int",          True,  False, 1),
-    )),
-    "layer_pattern": (LayerPattern, _fields(
-        ("unit",                "str",          True),
-        ("repeat",              "int",          True,  False, 1),
-    )),
-    "rope": (RopeSpec, _fields(
-        ("sliding_base",        "float",        True,  False, 0),
-        ("full_base",           "float",        True,  False, 0),
-        ("full_partial_rotary_factor", "float", True,  False, 0),
-    )),
-    "moe": (MoESpec, _fields(
-        ("experts",             "int",          True,  False, 1),
-        ("top_k",               "int",          True,  False, 1),
-        ("expert_ffn",          "int",          True,  False, 1),
-    )),
-    "vision": (VisionSpec, _fields(
-        ("width",               "int",          True,  False, 1),
-        ("layers",              "int",          True,  False, 1),
-        ("heads",               "int",          True,  False, 1),
-        ("head_dim",            "int",          True,  False, 1),
-        ("ffn",                 "int",          True,  False, 1),
-        ("patch_size",          "int",          True,  False, 1),
-        ("image_size",          "int",          True,  False, 1),
-        ("pooling_kernel",      "int",          True,  False, 1),
-        ("position_embeddings", "int",          True,  False, 1),
-        ("projection_dim",      "int",          True,  False, 1),
-    )),
-    "audio": (AudioSpec, _fields(
-        ("width",               "int",          True,  False, 1),
-        ("layers",              "int",          True,  False, 1),
-        ("heads",               "int",          True,  False, 1),
-        ("ffn",                 "int",          True,  False, 1),
-        ("output_dim",          "int",          True,  False, 1),
-    )),
-    "drafter": (DrafterSpec, _fields(
-        ("layers",              "int",          True,  False, 1),
-        ("layer_pattern",       "layer_pattern", True),
-        ("hidden",              "int",          True,  False, 1),
-        ("intermediate",        "int",          True,  False, 1),
-        ("heads",               "int",          True,  False, 1),
-        ("head",                "drafter_head", True),
-    )),
-    "drafter_head": (DrafterHead, _fields(
-        ("type",                "str",          True),
-        ("clusters",            "int",          False, False, 1),
-        ("top_k",               "int",          False, False, 1),
-    )),
-    "recommended": (Recommended, _fields(
-        ("draft_length",        "int",          True,  False, 1),
-        ("target_quant",        "str",          True),
-        ("drafter_quant",       "str",          True),
-    )),
-}
+def _map_key(cls: type) -> str | None:
+    """The field holding the key a section is listed under (``map_key()``), if it has one."""
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("map_key")), None)
+
+
+def _section_of(hint: Any) -> type | None:
+    """The dataclass a field's type holds (``X``, ``X | None`` or ``tuple[X, ...]``), if any."""
+    candidates = [hint, *get_args(hint)]
+    return next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
+
+
+def _field_row(f: dataclasses.Field, hint: Any) -> Field:
+    """``X | None`` without a default may be null; with one (``None``) it may only be left out."""
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    args = get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    section = _section_of(hint)
+    if section is None:
+        kind = _JSON_TYPES.get(hint)
+    elif hint is section:
+        kind = section.__name__
+    else:
+        kind = f"map:{section.__name__}" if get_origin(hint) is tuple and _map_key(section) else None
+    if kind is None:
+        raise TypeError(f"registry: field {f.name!r} has a type models.json cannot hold: {hint!r}")
+    return Field(f.name, kind, required, optional and required, f.metadata.get("min"))
+
+
+def _schema(root: type) -> dict[str, tuple[type, tuple[Field, ...]]]:
+    """Section name (the class name) -> (dataclass, its fields), for ``root`` and every section below it."""
+    table: dict[str, tuple[type, tuple[Field, ...]]] = {}
+    todo = [root]
+    while todo:
+        cls = todo.pop(0)
+        if cls.__name__ in table:
+            continue
+        hints = get_type_hints(cls)
+        fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("map_key")]
+        table[cls.__name__] = (cls, tuple(_field_row(f, hints[f.name]) for f in fields))
+        todo += [c for c in (_section_of(hints[f.name]) for f in fields) if c is not None]
+    return table
+
+
+SCHEMA = _schema(ModelsFile)
 
 _SCALARS: dict[str, Callable[[Any], bool]] = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -477,7 +455,7 @@ class _Parser:
                     raise self.fail(at, "missing field")
                 continue
             values[f.name] = self.value(f, obj[f.name], at)
-        return values if cls is None else cls(**values)
+        return cls(**values)
 
     def value(self, f: Field, v: Any, at: str) -> Any:
         if v is None:
@@ -508,7 +486,8 @@ class _Parser:
             return MappingProxyType(dict(v))
         if not v:
             raise self.fail(at, "is empty")
-        return tuple(self.section(item, x, _join(at, k), name=k) for k, x in v.items())
+        key = _map_key(SCHEMA[item][0])
+        return tuple(self.section(item, x, _join(at, k), **{key: k}) for k, x in v.items())
 
 
 def _join(where: str, key: str) -> str:
@@ -606,7 +585,7 @@ VARIANT_CHECKS: tuple[Callable[[Variant], Problems], ...] = (_check_text, _check
 
 def _schema_has(path: str) -> bool:
     """Whether a dotted path ("drafter.head.top_k") names a field of a variant in SCHEMA."""
-    section = "variant"
+    section = Variant.__name__
     for part in path.split("."):
         if section not in SCHEMA:  # descending below a scalar
             return False
@@ -617,15 +596,14 @@ def _schema_has(path: str) -> bool:
     return True
 
 
-def _check_registry(root: dict[str, Any], variants: tuple[Variant, ...], fail: Callable[..., RegistryError]) -> None:
-    sources = root.get("sources", {})
+def _check_registry(root: ModelsFile, fail: Callable[..., RegistryError]) -> None:
     seen: dict[str, str] = {}
-    for v in variants:
+    for v in root.variants:
         for rule in VARIANT_CHECKS:
             for where, problem in rule(v):
                 raise fail(f"variants.{v.name}.{where}", problem)
         for i, s in enumerate(v.sources):
-            if s not in sources:
+            if s not in root.sources:
                 raise fail(f"variants.{v.name}.sources[{i}]", f"unknown source {s!r} (not in top-level sources)")
         for spelling in (v.name, *v.aliases):
             key = name_key(spelling)
@@ -655,16 +633,10 @@ def parse_registry(data: Any, path: str | os.PathLike | None = None) -> Registry
     if _SCALARS["int"](version) and version != SCHEMA_VERSION:  # before the keys, which may have changed
         raise RegistryError(file, "schema_version", f"is {version}, this gguf-mtp reads version {SCHEMA_VERSION}")
     parser = _Parser(file)
-    root = parser.section("root", data, "")
-    variants: tuple[Variant, ...] = root["variants"]
-    _check_registry(root, variants, parser.fail)
-    return Registry(
-        schema_version=root["schema_version"],
-        path=file,
-        variants=variants,
-        sources=root.get("sources", MappingProxyType({})),
-        family=root.get("family", "gemma4"),
-    )
+    root: ModelsFile = parser.section(ModelsFile.__name__, data, "")
+    _check_registry(root, parser.fail)
+    return Registry(schema_version=root.schema_version, path=file, variants=root.variants, sources=root.sources,
+                    family=root.family)
 
 
 def load_registry(path: str | os.PathLike | None = None) -> Registry:
@@ -689,48 +661,7 @@ def get_variant(name: str, registry: Registry | None = None) -> Variant:
     return (registry if registry is not None else load_registry()).get(name)
 
 
-# --- parameter estimates (GGUF view: what llama.cpp loads) -------------------------------------------------
-
-
-def _text_params(t: TextSpec) -> tuple[int, int, int]:
-    """(all text weights, of which the PLE table, of which experts not used per token)."""
-    e = t.hidden
-    ple_table = t.vocab * t.layers * t.ple_dim
-    n = t.vocab * e + e  # tied token_embd + output_norm
-    if t.ple_dim:
-        n += ple_table + e * t.layers * t.ple_dim + t.ple_dim  # table, model projection, projection norm
-    inactive = 0
-    for i, kind in enumerate(t.layer_types()):
-        hd, kv = t.head_dim_of(i), t.kv_heads_of(i)
-        n += 2 * e * t.heads * hd + 2 * hd + 4 * e + 1  # q, o, q/k norms, 4 norms, layer scale
-        if i < t.first_shared_layer:
-            n += e * kv * hd * (1 if kind == FULL and t.attention_k_eq_v else 2)  # k (+ v)
-        n += 3 * e * t.ffn_of(i)
-        if t.ple_dim:
-            n += 2 * e * t.ple_dim + e
-        if t.moe:
-            experts = t.moe.experts * 3 * e * t.moe.expert_ffn
-            n += experts + e * t.moe.experts + e + t.moe.experts + 3 * e  # router, scales, extra norms
-            inactive += experts * (t.moe.experts - t.moe.top_k) // t.moe.experts
-    return n, ple_table, inactive
-
-
-def _drafter_params(d: DrafterSpec, t: TextSpec) -> int:
-    h, eb = d.hidden, t.hidden
-    n = t.vocab * h + h + 3 * eb * h  # tied head, output_norm, pre (2*Eb -> h) and post (h -> Eb) projections
-    if d.head.type == "centroid" and d.head.clusters:
-        n += d.head.clusters * h
-    for kind in d.layer_types():
-        hd = t.global_head_dim if kind == FULL else t.head_dim
-        n += 2 * h * d.heads * hd + hd + 3 * h * d.intermediate + 4 * h + 1
-    return n
-
-
-def _vision_params(v: VisionSpec) -> int:
-    w, inner = v.width, v.heads * v.head_dim
-    n = 3 * v.patch_size**2 * w + 2 * v.position_embeddings * w
-    n += v.layers * (4 * w * inner + 2 * v.head_dim + 3 * w * v.ffn + 4 * w)
-    return n + w * v.projection_dim
+# --- parameter estimates: audio (no exporter table to count from yet) ----------------------------------------
 
 
 def _audio_params(a: AudioSpec) -> int:

@@ -381,7 +381,8 @@ def honest_gguf(draw: Any) -> bytes:
 
 def run_gguf(data: bytes, workdir: Path) -> None:
     """What inspect, check and plan do with a file: header, inspection, pairing facts, the planner's model."""
-    from gguf_mtp import pairing, plan
+    from gguf_mtp import pairing
+    from gguf_mtp.planning import placement, search
     from gguf_mtp.gguffile import read_gguf
     from gguf_mtp.inspect import inspect_gguf
 
@@ -394,9 +395,9 @@ def run_gguf(data: bytes, workdir: Path) -> None:
         inspect_gguf(p, tensors=True).to_dict()
         facts = pairing.facts_from_gguf(p)
         pairing.check_set(facts, facts, facts)
-        files = plan.files_from_paths(p)
+        files = placement.files_from_paths(p)
         files.target.graph()
-        plan.plan(plan.Request(files, n_ctx=None))
+        search.plan(search.Request(files, n_ctx=None))
 
     judge("gguf", data, len(data), chain)
 

@@ -57,7 +57,8 @@ def tiny_e_engines(tiny_e):
 
 @pytest.fixture(scope="module")
 def hf_pair(tiny_e):
-    reference = pytest.importorskip("reference", reason="needs the dev extra (torch, transformers)")
+    reference = pytest.importorskip("gguf_mtp.transformers_reference",
+                                    reason="needs the dev extra (torch, transformers)")
     target, drafter = reference.load_pair(tiny_e.hf)
     pair = SimpleNamespace(ref=reference, target=target, drafter=drafter, head_input=None)
     if drafter.masked_embedding is not None:  # keep what the centroid head saw, to find near-ties of clusters

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures.quant import quantize_each
 from fixtures.runtime import TEST_SETTINGS, assert_greedy_equivalent
 from gguf_mtp.bench import TRAINED_PAIR
-from gguf_mtp.quantize import quantize_pair
 
 # relative L2 of logits vs the F16 file, per type, measured on this pair (AMD Zen 5, AVX-512, CPU_REPACK for
 # Q4_0 / Q4_K): target / drafter Q8_0 0.004 / 0.004, Q6_K 0.011 / 0.006, Q4_K_M 0.018 / 0.018, Q4_0 0.020 / 0.023.
@@ -35,12 +35,7 @@ N_DRAFT_ROWS = 6
 
 @pytest.fixture(scope="module")
 def quantized(trained_ggufs, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    out = tmp_path_factory.mktemp("trained-quantized")
-    res = {}
-    for q in TYPES:
-        r = quantize_pair(*trained_ggufs, q, out, drafter_type=q, threads=2)
-        res[q] = (r.target.dst, r.drafter.dst)
-    return res
+    return quantize_each(trained_ggufs, TYPES, tmp_path_factory.mktemp("trained-quantized"))
 
 
 def batched_logits(target: Path, drafter: Path, repack: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:

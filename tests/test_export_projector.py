@@ -9,15 +9,13 @@ import ctypes
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf import GGUFReader
 from test_export import copy_checkpoint, edit_json, gguf, no_leftovers, rewrite_weights
+from upstream import converter_tree, read_gguf, run_converter
 
 from gguf_mtp import pairing
 from gguf_mtp.cli import main
@@ -325,7 +323,8 @@ def transformers_image_embeddings(model, image: np.ndarray, patch: int) -> np.nd
 
 @pytest.fixture(scope="module")
 def hf_target(export_src):
-    reference = pytest.importorskip("reference", reason="needs the dev extra (torch, transformers)")
+    reference = pytest.importorskip("gguf_mtp.transformers_reference",
+                                    reason="needs the dev extra (torch, transformers)")
     return reference.load_model(source(export_src))
 
 
@@ -345,48 +344,24 @@ def test_llama_cpp_image_embeddings_match_transformers(projectors, exports, hf_t
 
 # --- the upstream converter (convert_hf_to_gguf.py --mmproj) ---------------------------------------------------------
 UPSTREAM_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-DRIVER = """
-import json, os, runpy, sys
-script, jobs = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, os.path.dirname(script))
-for src, out, outtype in jobs:
-    sys.argv = [script, src, "--mmproj", "--outfile", out, "--outtype", outtype]
-    runpy.run_path(script, run_name="__main__")
-"""
 # Ours and upstream's differ only here (docs/export.md says why).
 ALLOWED_KEY_DIFFERENCES = {"general.name", "clip.use_gelu"}
 
 
 @pytest.fixture(scope="module")
 def upstream_projectors(export_src, tmp_path_factory) -> dict[str, Path]:
-    from upstream import llama_cpp_dir
-
-    lcpp = llama_cpp_dir()
-    pytest.importorskip("transformers")
+    lcpp = converter_tree()
     work = tmp_path_factory.mktemp("upstream-mmproj")
     out = {t: work / f"mmproj-{t}.gguf" for t in UPSTREAM_OUTTYPES}
-    jobs = [[str(source(export_src)), str(p), t] for t, p in out.items()]
-    env = {**os.environ, "PYTHONPATH": str(lcpp / "gguf-py")}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(lcpp / "convert_hf_to_gguf.py"), json.dumps(jobs)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"upstream converter failed: {proc.stderr[-3000:]}")
+    run_converter(lcpp, [(source(export_src), p, t) for t, p in out.items()], "--mmproj")
     return out
-
-
-def _read(path: Path) -> tuple[dict, dict]:
-    r = GGUFReader(path)
-    kv = {k: (f.contents(), [int(t) for t in f.types]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), np.asarray(t.data).tobytes())
-               for t in r.tensors}
-    return kv, tensors
 
 
 @pytest.mark.upstream
 @pytest.mark.parametrize("outtype", UPSTREAM_OUTTYPES)
 def test_projector_equals_upstream(projectors, upstream_projectors, outtype):
-    ours_kv, ours_t = _read(projectors.get(outtype))
-    up_kv, up_t = _read(upstream_projectors[outtype])
+    ours_kv, ours_t = read_gguf(projectors.get(outtype))
+    up_kv, up_t = read_gguf(upstream_projectors[outtype])
     assert ours_t.keys() == up_t.keys()
     for name in ours_t:
         assert ours_t[name] == up_t[name], name  # name, type, shape, bytes

@@ -17,7 +17,7 @@ import ctypes
 import numpy as np
 import pytest
 
-reference = pytest.importorskip("reference", reason="needs the dev extra (torch, transformers)")
+reference = pytest.importorskip("gguf_mtp.transformers_reference", reason="needs the dev extra (torch, transformers)")
 
 pytestmark = pytest.mark.reference
 

@@ -7,36 +7,22 @@ are the ones docs/export.md lists and justifies:
   CONTROL in ours, NORMAL upstream (so llama.cpp matches them whole, as HF does);
 - tiny-moe ships only a sentencepiece tokenizer.model, which upstream cannot read: it gets a tokenizer.json
   built here (transformers' merges), and only its tensors and architecture keys are compared.
-All upstream conversions run in one Python process (its imports dominate: torch, transformers).
+All upstream conversions run in one Python process (tests/upstream.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGUFReader
-from upstream import llama_cpp_dir
+from upstream import converter_tree, read_gguf, run_converter
 
 pytestmark = pytest.mark.upstream
 
 FAMILIES = ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q")
 EXTRA_OUTTYPES = (("tiny-e", "f16"), ("tiny-e", "q8_0"), ("tiny-q", "bf16"), ("tiny-q", "q8_0"))
-
-DRIVER = """
-import json, os, runpy, sys
-script, jobs = sys.argv[1], json.loads(sys.argv[2])
-sys.path.insert(0, os.path.dirname(script))  # where the script's own `conversion` package lives
-for src, out, outtype in jobs:
-    sys.argv = [script, src, "--outfile", out, "--outtype", outtype]
-    runpy.run_path(script, run_name="__main__")
-"""
 
 
 def tokenizer_json_from_sentencepiece(directory: Path) -> None:
@@ -62,8 +48,7 @@ def tokenizer_json_from_sentencepiece(directory: Path) -> None:
 @pytest.fixture(scope="module")
 def upstream(export_src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, str], Path]:
     """(family, role, outtype) -> the upstream converter's GGUF."""
-    lcpp = llama_cpp_dir()
-    pytest.importorskip("transformers")
+    lcpp = converter_tree()
     work = tmp_path_factory.mktemp("upstream")
     moe = work / "tiny-moe"
     shutil.copytree(export_src / "tiny-moe", moe)
@@ -75,22 +60,10 @@ def upstream(export_src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     for fam, role, outtype in wanted:
         src = (moe if fam == "tiny-moe" else export_src / fam) / role
         dst = work / f"{fam}-{role}-{outtype}.gguf"
-        jobs.append([str(src), str(dst), outtype])
+        jobs.append((src, dst, outtype))
         out[fam, role, outtype] = dst
-    env = {**os.environ, "PYTHONPATH": str(lcpp / "gguf-py")}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(lcpp / "convert_hf_to_gguf.py"), json.dumps(jobs)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"upstream converter failed: {proc.stderr[-3000:]}")
+    run_converter(lcpp, jobs)
     return out
-
-
-def read(path: Path) -> tuple[dict, dict]:
-    r = GGUFReader(path)
-    kv = {k: (f.contents(), [int(t) for t in f.types]) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    tensors = {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), np.asarray(t.data).tobytes())
-               for t in r.tensors}
-    return kv, tensors
 
 
 def unnamed_special_ids(directory: Path) -> set[int]:
@@ -107,8 +80,8 @@ def unnamed_special_ids(directory: Path) -> set[int]:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("role", ["target", "drafter"])
 def test_f32_export_equals_upstream(family, role, exports, upstream, export_src):
-    ours_kv, ours_t = read(exports.get(family, role, "f32"))
-    up_kv, up_t = read(upstream[family, role, "f32"])
+    ours_kv, ours_t = read_gguf(exports.get(family, role, "f32"))
+    up_kv, up_t = read_gguf(upstream[family, role, "f32"])
     assert ours_t.keys() == up_t.keys()
     for name in ours_t:
         assert ours_t[name] == up_t[name], name
@@ -131,8 +104,8 @@ def test_f32_export_equals_upstream(family, role, exports, upstream, export_src)
 
 @pytest.mark.parametrize("family, outtype", EXTRA_OUTTYPES)
 def test_reduced_outtypes_equal_upstream(family, outtype, exports, upstream):
-    ours_kv, ours_t = read(exports.get(family, "target", outtype))
-    up_kv, up_t = read(upstream[family, "target", outtype])
+    ours_kv, ours_t = read_gguf(exports.get(family, "target", outtype))
+    up_kv, up_t = read_gguf(upstream[family, "target", outtype])
     assert ours_kv["general.file_type"] == up_kv["general.file_type"]
     assert ours_t.keys() == up_t.keys()
     for name in ours_t:

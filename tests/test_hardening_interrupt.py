@@ -5,7 +5,7 @@ Each run starts the real command line in a subprocess on a checkpoint big enough
 measured write time and sends the signal. After every run the output path holds nothing, the old file (with
 --force over an existing output), or the complete new file, byte for byte. Ctrl-C leaves no temp file; kill -9
 leaves one, which the next run into that directory removes. GGUF_MTP_INTERRUPT_RUNS=N repeats the campaign N
-times (docs/hardening.md has the counts of the long run).
+times; ``pytest -s`` prints each campaign's outcomes (docs/hardening.md has the counts of the long run).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from gguf_mtp.fsutil import TMP_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("GGUF_MTP_INTERRUPT_RUNS", "1") or 1)
-RESULTS: dict[str, list[str]] = {}  # command -> outcome per run (reported by the last test)
 
 
 def cli(*args: str) -> list[str]:
@@ -131,13 +130,15 @@ def recover(job: Job) -> None:
 
 
 def campaign(job: Job, runs: int, seed: int) -> list[str]:
+    """``runs`` interrupted runs, then the recovering one; prints the outcomes' counts (seen with pytest -s)."""
     rng = random.Random(seed)
     outcomes = []
     for i in range(runs):
         sig = (signal.SIGKILL, signal.SIGINT)[i % 2]
         outcomes.append(f"{sig.name}:{interrupt(job, sig, force=bool(i // 2 % 2), rng=rng)}")
     recover(job)
-    RESULTS.setdefault(job.name, []).extend(outcomes)
+    counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
+    print(f"\n{job.name}: {len(outcomes)} interrupted runs: {counts}")
     return outcomes
 
 
@@ -194,9 +195,3 @@ def _dead_pid() -> int:
     p.wait()
     return p.pid
 
-
-def test_report_interruption_runs():
-    """Not a check: prints the campaign's outcomes (pytest -s) for docs/hardening.md."""
-    for name, outcomes in RESULTS.items():
-        counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
-        print(f"\n{name}: {len(outcomes)} interrupted runs: {counts}")

@@ -1,7 +1,7 @@
 """The offload planner: its arithmetic against llama.cpp's own accounting, and its choices.
 
-llama.cpp is asked through no_alloc loads of full-size sparse skeletons (``gguf_mtp.probe``): it simulates every
-allocation without reading a byte of weights, on this CPU-only build (whose compute buffers stand in for CUDA's).
+llama.cpp is asked through no_alloc loads of full-size sparse skeletons (``gguf_mtp.planning.probe``): it simulates
+every allocation without reading a byte of weights, on this CPU-only build (whose compute buffers stand in for CUDA's).
 The full matrix is bench/plan_matrix.py; this is the small one CI runs.
 """
 
@@ -12,11 +12,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from gguf_mtp import memory
-from gguf_mtp import plan as planner
 from gguf_mtp.cli import main
 from gguf_mtp.errors import GgufMtpError
-from gguf_mtp.memory import GiB, MiB
+from gguf_mtp.planning import memory, placement, search
+from gguf_mtp.planning.memory import GiB, MiB
 from gguf_mtp.settings import RuntimeSettings, load_plan_settings
 
 EXACT = 0.005  # weights and KV cache
@@ -43,6 +42,20 @@ def test_kv_cells_swa_full() -> None:
     assert memory.kv_cells(8192, 512, 1024, swa_full=True).sliding == 8192
 
 
+# a sliding layer (256 wide), a full one (512), a KV-shared one; 1024 sliding cells, 4096 full ones; f16 rows
+KV_LAYERS = [memory.AttnLayer(True, 256, 8, 1), memory.AttnLayer(False, 512, 8, 1),
+             memory.AttnLayer(True, 256, 8, 1, owns_kv=False)]
+
+
+@pytest.mark.parametrize("flash_attn, expected", [
+    (True, [1024 * (512 + 512), 4096 * (1024 + 1024), 0]),
+    (False, [1024 * (512 + 1024), 4096 * (1024 + 1024), 0]),  # V rows padded to the widest layer's
+])
+def test_kv_bytes(flash_attn: bool, expected: list[int]) -> None:
+    cells = memory.KVCells(n_ctx=4096, full=4096, sliding=1024, streams=1)
+    assert memory.kv_bytes(KV_LAYERS, cells, "f16", "f16", flash_attn) == expected
+
+
 def test_kv_bytes_per_type() -> None:
     assert memory.row_bytes("q8_0", 512) == 544 and memory.row_bytes("q4_0", 512) == 288
     assert memory.row_bytes("f16", 512) == 1024
@@ -50,12 +63,12 @@ def test_kv_bytes_per_type() -> None:
 
 @pytest.mark.parametrize("text, n", [("24GiB", 24 * GiB), ("24GB", 24 * 10**9), ("1024MiB", GiB), ("1.5G", 3 * GiB // 2)])
 def test_parse_size(text: str, n: int) -> None:
-    assert planner.parse_size(text) == n
+    assert memory.parse_size(text) == n
 
 
 def test_parse_size_rejects_garbage() -> None:
     with pytest.raises(GgufMtpError, match="expected a size"):
-        planner.parse_size("lots")
+        memory.parse_size("lots")
 
 
 # --- agreement with llama.cpp -------------------------------------------------------------------------
@@ -70,7 +83,7 @@ MATRIX = [
 
 @pytest.mark.parametrize("variant, quant, dquant, kv, fa, n_ctx", MATRIX, ids=[m[0] for m in MATRIX])
 def test_planner_matches_llama_cpp(skeletons, variant, quant, dquant, kv, fa, n_ctx) -> None:
-    from gguf_mtp.probe import compare_with_llama
+    from gguf_mtp.planning.probe import compare_with_llama
 
     target = skeletons.get(variant, "target", quant)
     drafter = skeletons.get(variant, "drafter", dquant)
@@ -86,7 +99,7 @@ def test_planner_matches_llama_cpp(skeletons, variant, quant, dquant, kv, fa, n_
 
 @pytest.mark.parametrize("variant", ["E2B", "31B"])
 def test_projector_matches_libmtmd(skeletons, variant) -> None:
-    from gguf_mtp.probe import compare_with_llama
+    from gguf_mtp.planning.probe import compare_with_llama
 
     target = skeletons.get(variant, "target", "Q4_K_M")
     mmproj = skeletons.get(variant, "mmproj")
@@ -97,7 +110,7 @@ def test_projector_matches_libmtmd(skeletons, variant) -> None:
 
 # --- placement rules ----------------------------------------------------------------------------------
 
-def _items(b: planner.Breakdown, device: str) -> dict[str, int]:
+def _items(b: placement.Breakdown, device: str) -> dict[str, int]:
     return {c: n for (d, c), n in b.items.items() if d == device}
 
 
@@ -105,17 +118,17 @@ def test_amx_repacked_cpu_weights() -> None:
     """On a CPU whose AMX buffer type llama.cpp uses, CPU-resident matmul weights grow by the AMX layout's extra
     bytes per block. Measured there (../shared/notes/cpu.md): E2B Q4_K_M target on the CPU, llama.cpp
     3,755,679,840 bytes vs 3,730,606,176 planned for plain buffers: 25,073,664 more."""
-    files = planner.files_from_variant("E2B", "Q4_K_M", "Q8_0")
+    files = search.files_from_variant("E2B", "Q4_K_M", "Q8_0")
     s = RuntimeSettings(n_ctx=4096, n_gpu_layers=0, drafter_on_gpu=False)
-    plain, amx = planner.breakdown(files, s), planner.breakdown(files, s, cpu_amx=True)
+    plain, amx = placement.breakdown(files, s), placement.breakdown(files, s, cpu_amx=True)
 
-    def target_weights(b: planner.Breakdown) -> int:
+    def target_weights(b: placement.Breakdown) -> int:
         return sum(n for (_, c), n in b.items.items() if c.startswith("target") and "buffer" not in c)
 
     assert target_weights(amx) - target_weights(plain) == 25_073_664
-    assert planner.breakdown(files, s.replace(repack=False), cpu_amx=True).items == plain.items  # --no-repack
+    assert placement.breakdown(files, s.replace(repack=False), cpu_amx=True).items == plain.items  # --no-repack
     on_gpu = RuntimeSettings(n_ctx=4096)  # everything but the input layer on the GPU: AMX changes nothing there
-    assert planner.breakdown(files, on_gpu, cpu_amx=True).items == planner.breakdown(files, on_gpu).items
+    assert placement.breakdown(files, on_gpu, cpu_amx=True).items == placement.breakdown(files, on_gpu).items
 
 
 @pytest.mark.parametrize("qtype, shape, expected", [
@@ -133,31 +146,31 @@ def test_amx_weight_sizes(qtype, shape, expected) -> None:
 
 
 def test_input_layer_stays_on_cpu_and_tied_head_is_a_gpu_copy() -> None:
-    files = planner.files_from_variant("E2B", "Q4_K_M", "Q8_0")
-    b = planner.breakdown(files, RuntimeSettings(n_ctx=4096))
+    files = search.files_from_variant("E2B", "Q4_K_M", "Q8_0")
+    b = placement.breakdown(files, RuntimeSettings(n_ctx=4096))
     emb = files.target.tensor("token_embd.weight").n_bytes
     ple = files.target.tensor("per_layer_token_embd.weight").n_bytes
-    cpu, gpu = _items(b, planner.CPU), _items(b, planner.GPU)
+    cpu, gpu = _items(b, placement.CPU), _items(b, placement.GPU)
     assert cpu["target embeddings (input)"] == pytest.approx(emb + ple, abs=64)
     assert gpu["target output head"] >= emb  # the tied head: a second copy of token_embd
     d_emb = files.drafter.tensor("token_embd.weight").n_bytes
     assert cpu["drafter embeddings (input)"] == pytest.approx(d_emb, abs=64)
-    assert planner.breakdown(files, RuntimeSettings(n_ctx=4096)).cells.sliding == 1024
+    assert placement.breakdown(files, RuntimeSettings(n_ctx=4096)).cells.sliding == 1024
 
 
 def test_n_gpu_layers_counts_the_output_layer() -> None:
-    layers, out = planner.layer_devices(4, 1)
+    layers, out = placement.layer_devices(4, 1)
     assert layers == ["CPU"] * 4 and out == "GPU"
-    layers, out = planner.layer_devices(4, 3)
+    layers, out = placement.layer_devices(4, 3)
     assert layers == ["CPU", "CPU", "GPU", "GPU"] and out == "GPU"
-    assert planner.layer_devices(4, -1) == (["GPU"] * 4, "GPU")
+    assert placement.layer_devices(4, -1) == (["GPU"] * 4, "GPU")
 
 
 # --- choices ------------------------------------------------------------------------------------------
 
 def test_31b_with_drafter_and_vision_fits_24gb_on_gpu() -> None:
-    files = planner.files_from_variant("31B", "Q4_K_M", "Q8_0", vision=True)
-    p = planner.plan(planner.Request(files, 24 * GiB, GiB))
+    files = search.files_from_variant("31B", "Q4_K_M", "Q8_0", vision=True)
+    p = search.plan(search.Request(files, 24 * GiB, GiB))
     assert p.fits and p.settings.n_gpu_layers == -1 and p.settings.drafter_on_gpu and p.settings.mmproj_on_gpu
     assert p.settings.n_ctx >= 16384
     assert p.gpu_used <= 23 * GiB
@@ -167,27 +180,27 @@ def test_31b_with_drafter_and_vision_fits_24gb_on_gpu() -> None:
 
 
 def test_moe_experts_go_to_the_cpu_first() -> None:
-    files = planner.files_from_variant("26B-A4B", "Q4_K_M", "Q8_0")
-    p = planner.plan(planner.Request(files, 12 * GiB, GiB))
+    files = search.files_from_variant("26B-A4B", "Q4_K_M", "Q8_0")
+    p = search.plan(search.Request(files, 12 * GiB, GiB))
     assert p.fits
     assert p.settings.n_cpu_moe > 0 and p.settings.n_gpu_layers == -1
-    assert any("offloaded" in c for (d, c) in p.breakdown.items if d == planner.CPU)
+    assert any("offloaded" in c for (d, c) in p.breakdown.items if d == placement.CPU)
 
 
 def test_fixed_context_and_kv_type() -> None:
-    files = planner.files_from_variant("E2B", "Q4_K_M", "Q8_0")
-    p = planner.plan(planner.Request(files, 8 * GiB, GiB, n_ctx=32768, kv_type="q8_0"))
+    files = search.files_from_variant("E2B", "Q4_K_M", "Q8_0")
+    p = search.plan(search.Request(files, 8 * GiB, GiB, n_ctx=32768, kv_type="q8_0"))
     assert p.fits and p.settings.n_ctx == 32768 and p.settings.cache_type_k == "q8_0"
     assert p.settings.flash_attn == "on"  # a quantized V cache needs flash attention
     with pytest.raises(GgufMtpError, match="exceeds the model's context"):
-        planner.plan(planner.Request(files, 8 * GiB, GiB, n_ctx=10**6))
+        search.plan(search.Request(files, 8 * GiB, GiB, n_ctx=10**6))
 
 
 def test_too_small_a_budget_says_by_how_much() -> None:
-    files = planner.files_from_variant("31B", "Q4_K_M", "Q8_0")
-    p = planner.plan(planner.Request(files, 2 * GiB, GiB, ram=4 * GiB))
+    files = search.files_from_variant("31B", "Q4_K_M", "Q8_0")
+    p = search.plan(search.Request(files, 2 * GiB, GiB, ram=4 * GiB))
     assert not p.fits and p.shortfall > 0
-    msg = planner.shortfall_message(p)
+    msg = search.shortfall_message(p)
     assert msg.startswith("does not fit") and "short" in msg
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fixtures.quant import write_gguf
+from fixtures.quant import quantize_each, write_gguf
 from fixtures.runtime import NEAR_TIE, TEST_SETTINGS, rescore_gaps
 from gguf_mtp import quanttypes
 from gguf_mtp.cli import main
@@ -38,12 +38,7 @@ def no_temps(directory: Path) -> bool:
 @pytest.fixture(scope="module")
 def quantized_q(tiny_q, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """tiny-q target and drafter, each quantized to each of PAIR_TYPES."""
-    out = tmp_path_factory.mktemp("quantized-q")
-    res = {}
-    for q in PAIR_TYPES:
-        r = quantize_pair(*tiny_q, q, out, drafter_type=q, threads=2)
-        res[q] = (r.target.dst, r.drafter.dst)
-    return res
+    return quantize_each(tiny_q, PAIR_TYPES, tmp_path_factory.mktemp("quantized-q"))
 
 
 # --- tables --------------------------------------------------------------------------------------------

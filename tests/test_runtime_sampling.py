@@ -10,6 +10,7 @@ import pytest
 from gguf_mtp.runtime.sampling import (
     SamplingParams,
     accept_exact,
+    accept_greedy,
     accept_rejection,
     acceptance_rate,
     probabilities,
@@ -36,6 +37,21 @@ D = np.random.default_rng(1).dirichlet(np.full(V, 0.7), size=V)
 def test_greedy_is_one_hot_argmax():
     p = probabilities(np.array([0.1, 3.0, -1.0, 2.9]), SamplingParams())
     assert p.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+# verify rows' argmaxes 2, 0, 3, 1 (row i verifies draft i; the row after the last draft gives the bonus)
+GREEDY_ROWS = np.eye(V)[[2, 0, 3, 1]] + 0.01 * np.arange(V)
+
+
+@pytest.mark.parametrize("drafts, want", [
+    ([], (0, 2)),  # no drafts: a plain step, the first row's argmax
+    ([2, 0, 3], (3, 1)),  # all kept: the bonus is the last row's argmax
+    ([2, 0], (2, 3)),  # all kept, fewer drafts than rows: extra rows are not read
+    ([2, 5, 3], (1, 0)),  # first mismatch at draft 1: the target's token there replaces it
+    ([4, 0, 3], (0, 2)),  # a later match after a mismatch does not count
+])
+def test_accept_greedy_keeps_drafts_while_they_are_the_argmax(drafts, want):
+    assert accept_greedy(GREEDY_ROWS, drafts) == want
 
 
 def test_filters_match_a_brute_force_reference():

@@ -2,31 +2,124 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 from click.testing import CliRunner
+from fixtures.gguf import EXPORT_FAMILIES
+from fixtures.projector import PROJECTOR_FAMILY
 
 from gguf_mtp import keys
 from gguf_mtp.cli import main
+from gguf_mtp.export.tables import ROPE_FREQS
 from gguf_mtp.gguffile import read_gguf
-from gguf_mtp.registry import get_variant
-from gguf_mtp.skeleton import base_layout, layout_for, write_sparse
+from gguf_mtp.keys import Keys
+from gguf_mtp.planning.layout import base_layout, layout_for
+from gguf_mtp.planning.skeleton import write_sparse
+from gguf_mtp.registry import SCHEMA_VERSION, Variant, get_variant, parse_registry
+from gguf_mtp.tiny.configs import FAMILIES, F, S, layer_geometry
 
 
 @pytest.mark.parametrize("variant", ["E2B", "E4B", "26B-A4B", "31B"])
 def test_layout_matches_registry_parameter_count(variant: str) -> None:
-    """The tensor list counts what the registry's parameter estimate counts (tied head once)."""
+    """The registry's parameter estimate counts the skeleton's tensors (tied head once), all but the generated
+    rope_freqs."""
     v = get_variant(variant)
-    layout = base_layout(v, "target")
-    n = 0
-    for t in layout.tensors:
-        k = 1
-        for d in t.shape:
-            k *= d
-        n += k
-    est = v.params_estimate()
-    assert n - est.target == 0 or abs(n / est.target - 1) < 0.001, (n, est.target)
+    n = sum(math.prod(t.shape) for t in base_layout(v, "target").tensors if t.name != ROPE_FREQS)
+    assert n == v.params_estimate().target
+
+
+# --- a skeleton is what the exporter writes ----------------------------------------------------------------------
+# Each tiny family as models.json would list it, in the registry's terms (layer geometry from the tiny generator's
+# own derivation, not the exporter's): its skeleton must hold exactly the tensors and keys the exporter writes
+# from the checkpoint. Values may differ only where a skeleton stands in for data it does not have: its name and
+# source, its vocabulary (tokens and what is derived from them; no chat template).
+STAND_IN = ("general.name", keys.SOURCE, keys.PAIR_VOCAB_SHA256)
+NO_STAND_IN = (Keys.Tokenizer.CHAT_TEMPLATE,)
+# What models.json does not say of a vision tower: tiny-e's standardizes its output (the registry's do not) and lacks
+# the optional per-layer output scale (the registry's have one).
+EXPORT_ONLY = ("v.std_bias", "v.std_scale")
+SKELETON_ONLY = ".out_scale.weight"
+
+
+def family_variant(name: str) -> Variant:
+    spec = FAMILIES[name]
+    t, d = spec.target_text, spec.drafter_text
+    sliding, full = (next(g for g in layer_geometry(t) if g.kind == kind) for kind in (S, F))
+
+    def pattern(types: list[str]) -> dict:
+        return {"unit": "".join("S" if k == S else "F" for k in types), "repeat": 1}
+
+    vision = spec.vision and {
+        "width": spec.vision["hidden_size"], "layers": spec.vision["num_hidden_layers"],
+        "heads": spec.vision["num_attention_heads"], "head_dim": spec.vision["head_dim"],
+        "ffn": spec.vision["intermediate_size"], "patch_size": spec.vision["patch_size"], "image_size": 224,
+        "pooling_kernel": spec.vision["pooling_kernel_size"],
+        "position_embeddings": spec.vision["position_embedding_size"], "projection_dim": t["hidden_size"]}
+    head = spec.drafter_head
+    variant = {
+        "hf": {"target": f"tiny/{name}", "drafter": f"tiny/{name}-assistant"},
+        "text": {
+            "layers": t["num_hidden_layers"], "hidden": t["hidden_size"], "intermediate": t["intermediate_size"],
+            "heads": t["num_attention_heads"], "kv_heads": {"sliding": sliding.kv_heads, "full": full.kv_heads},
+            "head_dim": sliding.head_dim, "global_head_dim": full.head_dim, "layer_pattern": pattern(t["layer_types"]),
+            "sliding_window": t["sliding_window"], "shared_kv_layers": t["num_kv_shared_layers"],
+            "ple_dim": t["hidden_size_per_layer_input"], "double_wide_mlp": t["use_double_wide_mlp"],
+            "attention_k_eq_v": t["attention_k_eq_v"],
+            "moe": {"experts": t["num_experts"], "top_k": t["top_k_experts"], "expert_ffn": t["moe_intermediate_size"]}
+            if t["enable_moe_block"] else None,
+            "vocab": t["vocab_size"], "context": t["max_position_embeddings"],
+            "final_logit_softcap": t["final_logit_softcapping"],
+            "rope": {"sliding_base": t["rope_parameters"][S]["rope_theta"],
+                     "full_base": t["rope_parameters"][F]["rope_theta"],
+                     "full_partial_rotary_factor": t["rope_parameters"][F]["partial_rotary_factor"]},
+            "rms_eps": t["rms_norm_eps"],
+        },
+        "vision": vision or None,
+        "audio": None,
+        "drafter": {
+            "layers": d["num_hidden_layers"], "layer_pattern": pattern(d["layer_types"]), "hidden": d["hidden_size"],
+            "intermediate": d["intermediate_size"], "heads": d["num_attention_heads"],
+            "head": {"type": "centroid", "clusters": head["num_centroids"], "top_k": head["centroid_intermediate_top_k"]}
+            if head["use_ordered_embeddings"] else {"type": "dense"},
+        },
+        "recommended": {"draft_length": 3, "target_quant": "Q8_0", "drafter_quant": "Q8_0"},
+    }
+    return parse_registry({"schema_version": SCHEMA_VERSION, "variants": {name: variant}}).get(name)
+
+
+def _tensors(info, leave_out=()) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(t.name, t.shape, t.type) for t in info.tensors if t.name not in leave_out]
+
+
+def _assert_same_file(skeleton, export) -> None:
+    s, e = read_gguf(skeleton, tokens=False), read_gguf(export, tokens=False)
+    assert _tensors(s) == _tensors(e)
+    assert set(s.metadata) == set(e.metadata) - set(NO_STAND_IN)
+    values = lambda m: {k: v for k, v in m.items() if k not in STAND_IN and not k.startswith("tokenizer.")}  # noqa: E731
+    assert values(s.metadata) == values(e.metadata)
+
+
+@pytest.mark.parametrize("outtype", ["auto", "f16"])
+@pytest.mark.parametrize("role", ["target", "drafter"])
+@pytest.mark.parametrize("family", EXPORT_FAMILIES)
+def test_skeleton_is_what_the_exporter_writes(exports, tmp_path, family: str, role: str, outtype: str) -> None:
+    dtype = {"auto": "BF16" if FAMILIES[family].dtype == "bfloat16" else "F32", "f16": "F16"}[outtype]
+    skeleton = tmp_path / "skeleton.gguf"
+    write_sparse(skeleton, base_layout(family_variant(family), role, dtype))
+    _assert_same_file(skeleton, exports.get(family, role, outtype))
+
+
+def test_projector_skeleton_is_what_the_exporter_writes(projectors, tmp_path) -> None:
+    skeleton = tmp_path / "mmproj.gguf"
+    write_sparse(skeleton, base_layout(family_variant(PROJECTOR_FAMILY), "mmproj", "F32"))
+    s, e = read_gguf(skeleton, tokens=False), read_gguf(projectors.get(), tokens=False)
+    assert _tensors(s, {t.name for t in s.tensors if t.name.endswith(SKELETON_ONLY)}) == _tensors(e, EXPORT_ONLY)
+    assert set(s.metadata) == set(e.metadata)
+    differ = (*STAND_IN, Keys.General.SIZE_LABEL)  # the size label counts the tensors above
+    assert {k: v for k, v in s.metadata.items() if k not in differ} == \
+        {k: v for k, v in e.metadata.items() if k not in differ}
 
 
 def test_shared_kv_layers_have_no_kv_weights() -> None:
@@ -50,8 +143,8 @@ def test_skeleton_is_sparse_and_readable(tmp_path) -> None:
     assert info.metadata[keys.ROLE] == "target"
 
 
-def test_quant_types_come_from_llamas_quantizer() -> None:
-    """Q4_K_M's mix (llama.cpp's rules, not a table of ours): Q6_K for the tied embedding, Q4_K for most."""
+def test_quant_types_follow_llamas_quantizer() -> None:
+    """Q4_K_M's mix (llama.cpp's rules, gguf_mtp/quantmix.py): Q6_K for the tied embedding, Q4_K for most."""
     layout = layout_for("E2B", "target", "Q4_K_M")
     types = {t.name: t.type for t in layout.tensors}
     assert types["token_embd.weight"] == "Q6_K"

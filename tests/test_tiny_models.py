@@ -1,5 +1,6 @@
 """The tiny Gemma 4 checkpoints (gguf_mtp.tiny): layout on disk, determinism, the CLI, and that
-transformers 5.23.0 (patched, tests/reference.py) loads and runs every target, drafter and the vision tower.
+transformers 5.23.0 (patched, gguf_mtp/transformers_reference.py) loads and runs every target, drafter and the
+vision tower.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def test_cli_builds(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def ref():
-    return pytest.importorskip("reference", reason="needs the dev extra (torch, transformers)")
+    return pytest.importorskip("gguf_mtp.transformers_reference", reason="needs the dev extra (torch, transformers)")
 
 
 @pytest.fixture(scope="module")

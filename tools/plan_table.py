@@ -2,8 +2,8 @@
 """Write docs/plan.md: for each Gemma 4 variant at Q4_K_M with its Q8_0 MTP drafter and the vision projector,
 the plan `gguf-mtp plan` makes for a 24 GB card, and the largest context that fits.
 
-Everything in the table comes from the planner (registry layouts, per-tensor types from llama.cpp's quantizer
-in dry-run mode); nothing is typed in by hand. Re-run after changing the registry or the memory model:
+Everything in the table comes from the planner (gguf_mtp/planning: the exporter's layouts for each registry
+variant, llama.cpp's per-tensor quant types from gguf_mtp/quantmix.py); nothing is typed in by hand. Re-run after changing the registry or the memory model:
 
     python3 tools/plan_table.py [--vram 24GiB] [--margin 1GiB] [-o docs/plan.md] [--matrix bench-output.json]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gguf_mtp import plan as planner  # noqa: E402
+from gguf_mtp.planning import memory, placement, search  # noqa: E402
 from gguf_mtp.registry import load_registry  # noqa: E402
 
 QUANT, DRAFTER_QUANT = "Q4_K_M", "Q8_0"
@@ -28,7 +28,7 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def placement(p: planner.Plan) -> str:
+def gpu_placement(p: search.Plan) -> str:
     s, f = p.settings, p.request.files
     parts = ["all layers" if s.n_gpu_layers < 0 else f"{s.n_gpu_layers - 1}/{f.target.n_layer} layers"]
     if s.n_cpu_moe:
@@ -46,15 +46,15 @@ def rows(vram: str, margin: str) -> list[dict]:
         for vision in (True, False):
             if vision and v.vision is None:
                 continue
-            files = planner.files_from_variant(v.name, QUANT, DRAFTER_QUANT, vision=vision)
-            p = planner.plan(planner.Request(files, planner.parse_size(vram), planner.parse_size(margin)))
+            files = search.files_from_variant(v.name, QUANT, DRAFTER_QUANT, vision=vision)
+            p = search.plan(search.Request(files, memory.parse_size(vram), memory.parse_size(margin)))
             b = p.breakdown
             weights = sum(n for (d, c), n in b.items.items()
-                          if d == planner.GPU and not c.startswith("KV") and ("layers" in c or "head" in c or "weights" in c))
-            kv = sum(n for (d, c), n in b.items.items() if d == planner.GPU and c.startswith("KV"))
+                          if d == placement.GPU and not c.startswith("KV") and ("layers" in c or "head" in c or "weights" in c))
+            kv = sum(n for (d, c), n in b.items.items() if d == placement.GPU and c.startswith("KV"))
             out.append({
                 "variant": v.name, "vision": vision, "fits": p.fits,
-                "placement": placement(p) if p.fits else planner.shortfall_message(p),
+                "placement": gpu_placement(p) if p.fits else search.shortfall_message(p),
                 "kv_type": p.settings.cache_type_k, "n_ctx": p.settings.n_ctx,
                 "gpu_weights": weights, "gpu_kv": kv, "gpu_total": p.gpu_used, "host": p.host_used,
                 "server": p.to_dict()["llama_server"],
@@ -77,8 +77,9 @@ def markdown(table: list[dict], vram: str, margin: str, matrix: dict | None) -> 
         "",
         f"`gguf-mtp plan --variant NAME --quant {QUANT} --drafter-quant {DRAFTER_QUANT} [--vision] --vram {vram} "
         f"--margin {margin}` for each variant (target {QUANT}, drafter {DRAFTER_QUANT}, projector F16, images up to "
-        f"{planner.IMAGE_MAX_TOKENS} tokens). Sizes are from the registry's layouts with llama.cpp's own per-tensor "
-        "quant types (its quantizer in dry-run mode); the context is the largest that fits.",
+        f"{placement.IMAGE_MAX_TOKENS} tokens). Sizes are from the exporter's layouts of the registry variants with "
+        "llama.cpp's per-tensor quant types (its quantizer's rules, checked against its dry run); the context is the "
+        "largest that fits.",
         "",
         "| variant | projector | GPU placement | KV cache | max context | GPU weights | GPU KV | GPU total | host RAM |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
@@ -97,7 +98,12 @@ def markdown(table: list[dict], vram: str, margin: str, matrix: dict | None) -> 
         "- **Weights**, tensor by tensor, where llama.cpp's loader puts them: `token_embd` and `per_layer_token_embd` "
         "(the input layer) always in host memory; repeating layers from the last one backwards (`-ngl`); the "
         "output layer, where the tied head is a second copy of `token_embd`; MoE experts moved to the CPU first "
-        "(`--n-cpu-moe`). The drafter's own `token_embd` also stays in host memory, its tied head on the GPU.",
+        "(`--n-cpu-moe`). The drafter's own `token_embd` also stays in host memory, its tied head on the GPU. "
+        "Host figures assume plain CPU buffers (CPU_REPACK keeps sizes); where llama.cpp uses its AMX buffer type "
+        "(Intel CPUs with AMX), CPU-resident matmul weights grow by the AMX layout's per-block extras "
+        "(`memory.AMX_BLOCK_EXTRA`: Q8_0 +4 bytes per 32 values, Q4_K/Q5_K +4 per 256, IQ4_XS +2), which "
+        "`breakdown(..., cpu_amx=True)` and the llama.cpp cross-check (`probe.compare_with_llama`, on such a CPU) "
+        "count.",
         "- **KV cache** per owning layer: sliding layers sized to `pad(window + ubatch, 256)` cells (llama-server's "
         "default `--swa-full` off), KV-shared layers (E2B/E4B) nothing, V padded to the widest layer when flash "
         "attention is off, q8_0/q4_0 rows in whole blocks. The drafter's context owns no KV: it views the target's.",
@@ -107,6 +113,9 @@ def markdown(table: list[dict], vram: str, margin: str, matrix: dict | None) -> 
         "- **Host memory**: CPU weights and KV, the input-layer compute buffer, logits/hidden-state output buffers.",
         "- **Margin**: kept free on the GPU for the CUDA context, cuBLAS workspaces and the CUDA pool (default 1 GiB, "
         "like llama-server's `--fit-target`).",
+        "- **Where**: `gguf_mtp/planning/` (module map in its `__init__`): `memory` (the arithmetic), `layout` (a "
+        "registry variant's files, from the exporter's tables; types from `gguf_mtp/quantmix.py`), `placement` "
+        "(`breakdown`), `search` (`plan`), `skeleton` and `probe` (llama.cpp's own accounting, for the tests).",
         "",
         "Shapes are gguf-mtp's engine's (one sequence; the target's `n_outputs_max` = its `n_batch`; the drafter's "
         "context decodes one draft row at a time). llama-server differs in two ways: it defaults to 4 slots with a "

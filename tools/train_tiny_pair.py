@@ -43,9 +43,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-import reference  # noqa: E402  (tests/reference.py: applies the transformers fixes in patches/transformers)
+from gguf_mtp import transformers_reference as reference  # noqa: E402  (applies the fixes in patches/transformers)
 from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4ForCausalLM  # noqa: E402
 from transformers import DynamicCache, Gemma4TextConfig  # noqa: E402
 
@@ -524,7 +523,8 @@ masks = strict_causal_masks(n_query, block, sliding_window)
 positions = torch.arange(1, n_query + 1)[None]
 tree, tree_pos = branch_masks(n_query, depth - 1, sliding_window)
 
-# check the batched step against transformers' own one-query drafter step (tests/reference.py) before training
+# check the batched step against transformers' own one-query drafter step (gguf_mtp/transformers_reference.py)
+# before training
 with torch.no_grad():
     x = windows(held_ids, 1)
     h, t_logits, kv, cache = target_states(x)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import log_to_stderr, print_json, print_table, runtime_options, runtime_settings
+from .common import emit, log_to_stderr, print_table, runtime_options, runtime_settings
 
 
 @click.command("demo")
@@ -29,34 +29,37 @@ def demo_cmd(ctx, workdir: str | None, max_tokens: int, force: bool, as_json: bo
     gguf-mtp demo
     gguf-mtp demo --workdir ./demo --json
     """
-    from .. import bench, demo
+    from .. import demo
 
     def show(step: Any) -> None:
         click.echo(f"{step.status:>7}  {step.name}: {step.detail}")
 
     d = demo.run_demo(workdir, force=force, max_tokens=max_tokens, on_step=None if as_json else show)
-    if as_json:
-        print_json(d.to_dict())
-    else:
-        if d.bench is not None:
-            print_table(f"{demo.TRAINED_LABEL}\n{d.bench.prompts} held-out prompts x {max_tokens} tokens, target "
-                        f"{demo.TARGET_QUANT}, drafter {demo.DRAFTER_QUANT}", bench.TABLE_COLUMNS,
-                        bench.table_rows(d.bench))
-            click.echo(f"{demo.TRAINED_WHAT}.")
-        if d.speed is not None:
-            print_table(f"{demo.SPEED_LABEL}\n{d.speed.prompts} prompts x {max_tokens} tokens, F16, fastest of "
-                        f"{d.speed.repeats}, {demo.SPEED_THREADS} thread(s)", bench.TABLE_COLUMNS,
-                        bench.table_rows(d.speed))
-            click.echo(f"{demo.SPEED_WHAT}.")
-        if d.headline() is not None:
-            click.echo(f"Result: {d.headline()}")
-        if d.modelfile is not None:
-            click.echo(f"Ollama: ollama create gemma4-mtp-demo -f {d.modelfile}")
-        if d.llama_server is not None:
-            click.echo(f"llama-server: {d.llama_server}")
-        click.echo(f"files: {d.workdir}")
+    emit(d, as_json, lambda d: _print_demo(d, max_tokens))
     if not d.ok:
         ctx.exit(1)
+
+
+def _print_demo(d: Any, max_tokens: int) -> None:
+    from .. import bench, demo
+
+    if d.bench is not None:
+        print_table(f"{demo.TRAINED_LABEL}\n{d.bench.prompts} held-out prompts x {max_tokens} tokens, target "
+                    f"{demo.TARGET_QUANT}, drafter {demo.DRAFTER_QUANT}", bench.TABLE_COLUMNS,
+                    bench.table_rows(d.bench))
+        click.echo(f"{demo.TRAINED_WHAT}.")
+    if d.speed is not None:
+        print_table(f"{demo.SPEED_LABEL}\n{d.speed.prompts} prompts x {max_tokens} tokens, F16, fastest of "
+                    f"{d.speed.repeats}, {demo.SPEED_THREADS} thread(s)", bench.TABLE_COLUMNS,
+                    bench.table_rows(d.speed))
+        click.echo(f"{demo.SPEED_WHAT}.")
+    if d.headline() is not None:
+        click.echo(f"Result: {d.headline()}")
+    if d.modelfile is not None:
+        click.echo(f"Ollama: ollama create gemma4-mtp-demo -f {d.modelfile}")
+    if d.llama_server is not None:
+        click.echo(f"llama-server: {d.llama_server}")
+    click.echo(f"files: {d.workdir}")
 
 
 @click.command("bench")
@@ -98,9 +101,6 @@ def bench_cmd(target, drafter, prompts_file, max_tokens, k_max, no_adaptive, ora
         r = bench.run_bench(target, drafter, prompts, max_tokens=max_tokens, ks=range(1, k_max + 1),
                             adaptive=not no_adaptive, oracle=oracle, settings=settings, repeats=repeats,
                             temperature=temp, seed=seed, accept=accept, chat=chat)
-    if as_json:
-        print_json(r.to_dict())
-        return
     sampling = f"temperature {temp}, {accept} acceptance" if temp > 0 else "greedy"
-    print_table(f"{r.prompts} prompts x {max_tokens} tokens, {sampling}, fastest of {repeats}", bench.TABLE_COLUMNS,
-                bench.table_rows(r))
+    emit(r, as_json, lambda r: print_table(f"{r.prompts} prompts x {max_tokens} tokens, {sampling}, fastest of "
+                                           f"{repeats}", bench.TABLE_COLUMNS, bench.table_rows(r)))

@@ -4,9 +4,11 @@ and logging options of the commands that load models (generate, chat, bench)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -50,6 +52,17 @@ def error_message(e: GgufMtpError | OSError) -> str:
 
 def print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def emit(result: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    """A command's result on stdout: with --json as JSON (a result's ``to_dict()``, a list item by item), else
+    ``human(result)`` prints it as tables and lines; the one place that chooses."""
+    if not as_json:
+        human(result)
+    elif isinstance(result, list):
+        print_json([r.to_dict() if hasattr(r, "to_dict") else r for r in result])
+    else:
+        print_json(result.to_dict() if hasattr(result, "to_dict") else result)
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -100,7 +113,10 @@ def runtime_options(f: Any) -> Any:
 def runtime_settings(plan_file: str | None, ctx: int | None, n_gpu_layers: int | None, override_tensor: tuple,
                      n_cpu_moe: int | None, drafter_cpu: bool | None, batch_size: int | None,
                      ubatch_size: int | None, cache_type_k: str | None, cache_type_v: str | None,
-                     flash_attn: str | None, swa_full: bool | None, repack: bool | None, threads: int | None) -> Any:
+                     flash_attn: str | None, swa_full: bool | None, repack: bool | None, threads: int | None,
+                     draft: dict[str, Any] | None = None) -> Any:
+    """RuntimeSettings from --plan (or the defaults), the runtime flags on top, then ``draft``
+    (:func:`draft_settings`)."""
     from ..settings import RuntimeSettings, load_plan_settings
 
     base = load_plan_settings(plan_file) if plan_file else RuntimeSettings()
@@ -112,10 +128,24 @@ def runtime_settings(plan_file: str | None, ctx: int | None, n_gpu_layers: int |
             if not sep or not pattern:
                 raise GgufMtpError(f"--override-tensor: expected PATTERN=CPU|GPU, got {item!r}")
             overrides.append((pattern, device.upper()))
-    return base.replace(n_ctx=ctx, n_gpu_layers=n_gpu_layers, tensor_overrides=overrides, n_cpu_moe=n_cpu_moe,
-                        drafter_on_gpu=None if drafter_cpu is None else not drafter_cpu, n_batch=batch_size,
-                        n_ubatch=ubatch_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                        flash_attn=flash_attn, swa_full=swa_full, repack=repack, threads=threads)
+    settings = base.replace(n_ctx=ctx, n_gpu_layers=n_gpu_layers, tensor_overrides=overrides, n_cpu_moe=n_cpu_moe,
+                            drafter_on_gpu=None if drafter_cpu is None else not drafter_cpu, n_batch=batch_size,
+                            n_ubatch=ubatch_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                            flash_attn=flash_attn, swa_full=swa_full, repack=repack, threads=threads)
+    return dataclasses.replace(settings, **draft) if draft else settings
+
+
+def draft_settings(draft_max: int | None, adaptive: bool, draft_cap: int | None) -> dict[str, Any]:
+    """The RuntimeSettings fields the draft-length flags of :func:`decode_options` set, for ``runtime_settings``'s
+    ``draft``: --draft-max K always drafts K tokens; --adaptive / --draft-cap choose the length each round (over a
+    plan's fixed K); none of them: the plan's or the default. Checked on its own, before anything is read."""
+    if draft_max is not None and (adaptive or draft_cap is not None):
+        raise GgufMtpError("--draft-max fixes the draft length; drop --adaptive/--draft-cap")
+    if draft_max is not None:
+        return {"draft_max": draft_max}
+    if adaptive or draft_cap is not None:
+        return {"draft_max": None, **({"draft_cap": draft_cap} if draft_cap is not None else {})}
+    return {}
 
 
 @contextlib.contextmanager
@@ -139,7 +169,7 @@ def log_to_stderr(verbose: bool) -> Any:
 
 
 def decode_options(f: Any) -> Any:
-    """Sampling and draft-length flags, shared by generate and chat."""
+    """Sampling and draft-length flags, shared by generate and chat (the draft length: :func:`draft_settings`)."""
     options = [
         click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
                      help="Temperature (0: greedy)."),

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import click
 
 from ..errors import GgufMtpError
-from .common import (console, decode_options, err_console, error_message, log_to_stderr, print_table,
-                     runtime_options, runtime_settings)
+from .common import (console, decode_options, draft_settings, err_console, error_message, log_to_stderr,
+                     print_table, runtime_options, runtime_settings)
 
 
 def _chat_status(s: Any, seconds: float) -> str:
@@ -275,25 +275,18 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
       gguf-mtp chat --target t.gguf --drafter d.gguf --mmproj m.gguf --image cat.png --plan plan.json
       printf 'hi\\n/stats\\n' | gguf-mtp chat --target t.gguf --drafter d.gguf -n 64
     """
-    import dataclasses
-
     from ..pairing import facts_from_gguf, require_compatible
     from ..runtime.chat import ChatSession
     from ..runtime.engine import Engine
     from ..runtime.multimodal import Projector
     from ..runtime.sampling import SamplingParams
 
-    if draft_max is not None and (adaptive or draft_cap is not None):
-        raise GgufMtpError("--draft-max fixes the draft length; drop --adaptive/--draft-cap")
+    draft = draft_settings(draft_max, adaptive, draft_cap)
     if image_path is not None and mmproj is None:
         raise GgufMtpError("--image needs a vision projector: add --mmproj FILE")
     if image_path is not None and not Path(image_path).is_file():
         raise GgufMtpError(f"image {image_path} does not exist")
-    settings = runtime_settings(**runtime)
-    if draft_max is not None:
-        settings = settings.replace(draft_max=draft_max)
-    elif adaptive or draft_cap is not None:
-        settings = dataclasses.replace(settings, draft_max=None, draft_cap=draft_cap or settings.draft_cap)
+    settings = runtime_settings(**runtime, draft=draft)
     if mmproj is not None:  # the whole set, before any weights load
         require_compatible(facts_from_gguf(target), facts_from_gguf(drafter) if drafter else None,
                            facts_from_gguf(mmproj))

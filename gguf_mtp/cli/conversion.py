@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ..errors import GgufMtpError
-from .common import err_console, human_size, print_json
+from .common import emit, err_console, human_size
 
 
 def _convert_progress(enabled: bool):
@@ -73,9 +73,10 @@ def convert_cmd(src: str, output: str, outtype: str, target: str | None, centroi
             res = convert_projector(src, output, outtype=outtype, target=target, force=force, progress=bar)
         else:
             res = convert(src, output, outtype=outtype, target=target, centroids=centroids, force=force, progress=bar)
-    if as_json:
-        print_json(res.to_dict())
-        return
+    emit(res, as_json, _print_converted)
+
+
+def _print_converted(res: Any) -> None:
     traits = f", {', '.join(res.features)}" if res.features else ""
     click.echo(f"wrote {res.output}: {res.arch} {res.role} ({res.kind}{traits}), {res.n_tensors} tensors, "
                f"{human_size(res.n_bytes)}, {res.outtype}")

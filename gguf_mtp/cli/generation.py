@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import GgufMtpError
-from .common import decode_options, log_to_stderr, print_json, runtime_options, runtime_settings
+from .common import decode_options, draft_settings, emit, log_to_stderr, runtime_options, runtime_settings
 
 
 @click.command("generate")
@@ -33,7 +33,6 @@ def generate_cmd(target, drafter, prompt, prompt_tokens, max_tokens, temp, top_k
       gguf-mtp generate --target t.gguf --drafter d.gguf --prompt-tokens 2,105,9 --draft-max 3 --json
     """
     import codecs
-    import dataclasses
 
     from ..runtime.chat_template import user_prompt
     from ..runtime.engine import Engine
@@ -43,13 +42,8 @@ def generate_cmd(target, drafter, prompt, prompt_tokens, max_tokens, temp, top_k
 
     if (prompt is None) == (prompt_tokens is None):
         raise GgufMtpError("give exactly one of -p/--prompt and --prompt-tokens")
-    if draft_max is not None and (adaptive or draft_cap is not None):
-        raise GgufMtpError("--draft-max fixes the draft length; drop --adaptive/--draft-cap")
-    settings = runtime_settings(**runtime)
-    if draft_max is not None:
-        settings = settings.replace(draft_max=draft_max)
-    elif adaptive or draft_cap is not None:
-        settings = dataclasses.replace(settings, draft_max=None, draft_cap=draft_cap or settings.draft_cap)
+    draft = draft_settings(draft_max, adaptive, draft_cap)
+    settings = runtime_settings(**runtime, draft=draft)
     with log_to_stderr(verbose), Engine.load(target, None if no_drafter else drafter, settings,
                                              allow_no_drafter=allow_no_drafter) as eng:
         if prompt_tokens is not None:
@@ -72,13 +66,14 @@ def generate_cmd(target, drafter, prompt, prompt_tokens, max_tokens, temp, top_k
             out += r.tokens
             if not as_json:
                 click.echo(decoder.decode(b"".join(eng.piece(t) for t in r.tokens)), nl=False)
-        if as_json:
-            print_json({"tokens": out, "text": eng.detokenize(out), "prompt_tokens": len(tokens),
-                        "drafter": str(eng.drafter_path) if eng.has_drafter else None,
-                        "drafter_problem": eng.drafter_problem, "stats": stats.to_dict()})
-            return
-        click.echo(decoder.decode(b"", final=True))
-        s = stats
-        click.echo(f"{s.tokens} tokens, {s.tokens_per_second:.1f} tok/s, {s.rounds} rounds, drafts kept "
-                   f"{s.accepted}/{s.proposed} ({100 * s.acceptance_rate:.0f}%), {s.mean_accepted_length:.2f} "
-                   f"tokens/round, stop: {s.stop_reason}", err=True)
+
+        def finish(_: dict) -> None:  # the text streamed above: its last bytes, then the stats on stderr
+            click.echo(decoder.decode(b"", final=True))
+            s = stats
+            click.echo(f"{s.tokens} tokens, {s.tokens_per_second:.1f} tok/s, {s.rounds} rounds, drafts kept "
+                       f"{s.accepted}/{s.proposed} ({100 * s.acceptance_rate:.0f}%), {s.mean_accepted_length:.2f} "
+                       f"tokens/round, stop: {s.stop_reason}", err=True)
+
+        emit({"tokens": out, "text": eng.detokenize(out), "prompt_tokens": len(tokens),
+              "drafter": str(eng.drafter_path) if eng.has_drafter else None,
+              "drafter_problem": eng.drafter_problem, "stats": stats.to_dict()}, as_json, finish)

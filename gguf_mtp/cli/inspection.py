@@ -9,7 +9,12 @@ from typing import Any
 
 import click
 
-from .common import human_size, print_json, print_table
+from .common import emit, human_size, print_table
+
+
+def _print_inspections(results: list[Any]) -> None:
+    for ins in results:
+        _print_inspection(ins)
 
 
 def _print_inspection(ins: Any) -> None:
@@ -49,12 +54,7 @@ def inspect_cmd(files, tensors, as_json) -> None:
     """
     from ..inspect import inspect_gguf
 
-    results = [inspect_gguf(f, tensors=tensors) for f in files]
-    if as_json:
-        print_json([r.to_dict() for r in results])
-        return
-    for r in results:
-        _print_inspection(r)
+    emit([inspect_gguf(f, tensors=tensors) for f in files], as_json, _print_inspections)
 
 
 @click.command("check")
@@ -73,12 +73,14 @@ def check_cmd(ctx, target, drafter, mmproj, runtime_centroids, as_json) -> None:
     from ..check import check_files
 
     report = check_files(target, drafter, mmproj, runtime_centroids)
-    if as_json:
-        print_json(report.to_dict())
-    elif report.compatible:
+    emit(report, as_json, lambda report: _print_check(report, target, drafter, mmproj))
+    if not report.compatible:
+        ctx.exit(1)
+
+
+def _print_check(report: Any, target: str, drafter: str, mmproj: str | None) -> None:
+    if report.compatible:
         click.echo(f"compatible: {target} + {drafter}" + (f" + {mmproj}" if mmproj else ""))
     else:
         for p in report.problems:
             click.echo(str(p))
-    if not report.compatible:
-        ctx.exit(1)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..errors import GgufMtpError
-from .common import print_json
+from .common import emit
 
 _SAMPLING_PARAMETERS = (  # CLI option -> Ollama PARAMETER (same name with dashes)
     ("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float), ("repeat_penalty", float),
@@ -49,7 +49,7 @@ def _set_settings(plan_file: str | None, vram: str | None, ctx: int | None, n_gp
     if plan_file is not None and vram is not None:
         raise GgufMtpError("give --plan FILE or --vram SIZE, not both")
     if vram is not None:
-        from ..plan import plan_for_files, shortfall_message
+        from ..planning.search import plan_for_files, shortfall_message
 
         p = plan_for_files(*files, vram=vram, n_ctx=ctx)
         if not p.fits:
@@ -173,16 +173,17 @@ def serve_cmd(target: str, drafter: str | None, mmproj: str | None, plan_file: s
     argv = ["llama-server", *render.server_args(settings, target, drafter, mmproj, port, fixed, draft_default,
                                                  gpu_buffer)]
     why = render.FIT_OFF_REASON if fixed else render.FIT_ON_REASON
-    if as_json:
-        print_json({"command": shlex.join(argv), "argv": argv, "fit_off": fixed, "why": why,
-                    "draft_length": render.draft_length(settings, draft_default) if drafter else None,
-                    "draft_length_source": source if drafter else None, "settings": settings.to_dict()})
-        return
-    click.echo(shlex.join(argv))
-    click.echo(f"# {why}", err=True)
-    if plan_file is None and ctx is None:
-        click.echo(f"# -c {settings.n_ctx}: gguf-mtp's default context (pass --ctx N or --plan FILE)", err=True)
-    if drafter:
-        click.echo(f"# --spec-draft-n-max {render.draft_length(settings, draft_default)}: {source}", err=True)
-    else:
-        click.echo("# no --drafter: the server runs without MTP", err=True)
+
+    def show(doc: dict) -> None:  # the command line on stdout, why it looks so on stderr
+        click.echo(doc["command"])
+        click.echo(f"# {why}", err=True)
+        if plan_file is None and ctx is None:
+            click.echo(f"# -c {settings.n_ctx}: gguf-mtp's default context (pass --ctx N or --plan FILE)", err=True)
+        if drafter:
+            click.echo(f"# --spec-draft-n-max {render.draft_length(settings, draft_default)}: {source}", err=True)
+        else:
+            click.echo("# no --drafter: the server runs without MTP", err=True)
+
+    emit({"command": shlex.join(argv), "argv": argv, "fit_off": fixed, "why": why,
+          "draft_length": render.draft_length(settings, draft_default) if drafter else None,
+          "draft_length_source": source if drafter else None, "settings": settings.to_dict()}, as_json, show)

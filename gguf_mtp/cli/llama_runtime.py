@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..errors import GgufMtpError
-from .common import print_json, print_table
+from .common import emit, print_table
 
 
 @click.group("runtime")
@@ -57,10 +59,10 @@ def runtime_info_cmd(as_json: bool) -> None:
     """Which llama-cpp-python is loaded, its backends and devices, and which of our patches it carries."""
     from ..runtime_build import runtime_info
 
-    info = runtime_info()
-    if as_json:
-        print_json(info.to_dict())
-        return
+    emit(runtime_info(), as_json, _print_runtime_info)
+
+
+def _print_runtime_info(info: Any) -> None:
     if not info.installed:
         raise GgufMtpError("llama-cpp-python is not installed (python3 tools/build_runtime.py build)")
     rows = [["llama-cpp-python", info.llama_cpp_python], ["library", info.library],

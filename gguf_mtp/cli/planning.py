@@ -1,15 +1,15 @@
-"""plan, skeleton: fit a set of GGUFs into a VRAM budget; full-size GGUFs without weights (gguf_mtp/plan.py,
-skeleton.py)."""
+"""plan, skeleton: fit a set of GGUFs into a VRAM budget; full-size GGUFs without weights (gguf_mtp/planning/)."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
 from ..errors import GgufMtpError
-from .common import human_size, print_json, print_table
+from .common import emit, human_size, print_json, print_table
 
 
 @click.command("plan")
@@ -46,7 +46,7 @@ def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter,
     gguf-mtp plan --target t.gguf --drafter d.gguf --mmproj m.gguf --ctx 32768 -o plan.json
     """
     from .. import fsutil
-    from .. import plan as planner
+    from ..planning import search as planner
 
     if bool(target) == bool(variant):
         raise GgufMtpError("give either --target FILE (with --drafter/--mmproj) or --variant NAME")
@@ -69,20 +69,21 @@ def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter,
         raise GgufMtpError(f"--vram ({vram}) must be larger than --margin ({margin})")
     p = planner.plan(req)
     doc = p.to_dict()
-    if as_json:
-        print_json(doc)
     if not p.fits:
+        if as_json:  # the plan that does not fit goes out too, before the error line
+            print_json(doc)
         raise GgufMtpError(planner.shortfall_message(p))
     if output:
         with fsutil.atomic_output(output, force) as tmp:
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    if as_json:
-        return
-    s = p.settings
+    emit(doc, as_json, lambda doc: _print_plan(doc, p.settings, files, planner.table_rows(p), output))
+
+
+def _print_plan(doc: dict, s: Any, files: Any, rows: list[list[Any]], output: str | None) -> None:
     title = (f"plan: {files.target.source} ({files.target.quant})"
              + (f" + drafter ({files.drafter.quant})" if files.drafter else "")
              + (" + projector" if files.mmproj else ""))
-    print_table(title, ["device", "component", "size"], planner.table_rows(p))
+    print_table(title, ["device", "component", "size"], rows)
     placement = "all layers" if s.n_gpu_layers < 0 else f"{s.n_gpu_layers} of {files.target.n_layer + 1} layers"
     click.echo(f"context {s.n_ctx} tokens, KV cache {s.cache_type_k}, flash attention {s.flash_attn}; GPU: "
                f"{placement}" + (f", MoE experts of {s.n_cpu_moe} layers on the CPU" if s.n_cpu_moe else "")
@@ -113,13 +114,11 @@ def skeleton_cmd(variant: str, quant: str | None, role: str, output: str, force:
     gguf-mtp skeleton 31B --quant Q4_K_M -o /tmp/31B-Q4_K_M.gguf
     gguf-mtp skeleton E2B --role drafter --quant Q8_0 -o /tmp/E2B-mtp.gguf
     """
-    from ..skeleton import make_skeleton
+    from ..planning.skeleton import make_skeleton
 
     path, layout, size = make_skeleton(variant, output, quant, role, force)
     disk = os.stat(path).st_blocks * 512
-    if as_json:
-        print_json({"path": str(path), "arch": layout.arch, "role": role, "quant": quant, "tensors": len(layout.tensors),
-                    "apparent_bytes": size, "disk_bytes": disk, "tensor_bytes": layout.n_bytes})
-        return
-    click.echo(f"wrote {path}: {layout.arch} {role}{' ' + quant if quant else ''}, {len(layout.tensors)} tensors, "
-               f"{human_size(size)} apparent, {human_size(disk)} on disk")
+    emit({"path": str(path), "arch": layout.arch, "role": role, "quant": quant, "tensors": len(layout.tensors),
+          "apparent_bytes": size, "disk_bytes": disk, "tensor_bytes": layout.n_bytes}, as_json,
+         lambda _: click.echo(f"wrote {path}: {layout.arch} {role}{' ' + quant if quant else ''}, "
+                              f"{len(layout.tensors)} tensors, {human_size(size)} apparent, {human_size(disk)} on disk"))

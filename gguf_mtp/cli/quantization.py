@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import err_console, human_size, print_json, print_table
+from .common import emit, err_console, human_size, print_table
 
 
 def _quant_progress(enabled: bool):
@@ -50,6 +50,11 @@ def _print_quant_result(res: Any, label: str = "") -> None:
         click.echo(f"{label}kept at source type (drafter rule): {', '.join(res.kept)}")
 
 
+def _print_quant_pair(res: Any) -> None:
+    _print_quant_result(res.target, "target: ")
+    _print_quant_result(res.drafter, "drafter: ")
+
+
 def _preset_help() -> str:
     from ..quanttypes import PRESETS
 
@@ -83,10 +88,7 @@ def quantize_cmd(src, dst, qtype, output_tensor_type, token_embedding_type, tens
                        token_embedding_type=token_embedding_type, tensor_types=tensor_types, imatrix=imatrix,
                        threads=threads, dry_run=dry_run, force=force, allow_requantize=allow_requantize,
                        progress=(lambda d, n, name: bar("quantize", d, n, name)) if bar else None)
-    if as_json:
-        print_json(res.to_dict())
-    else:
-        _print_quant_result(res)
+    emit(res, as_json, _print_quant_result)
 
 
 @click.command("quantize-pair", epilog=_preset_help())
@@ -113,8 +115,4 @@ def quantize_pair_cmd(target, drafter, qtype, out_dir, drafter_type, imatrix, th
         res = quantize_pair(target, drafter, qtype, out_dir, drafter_type=drafter_type, imatrix=imatrix,
                             threads=threads, dry_run=dry_run, force=force, allow_requantize=allow_requantize,
                             progress=bar)
-    if as_json:
-        print_json(res.to_dict())
-    else:
-        _print_quant_result(res.target, "target: ")
-        _print_quant_result(res.drafter, "drafter: ")
+    emit(res, as_json, _print_quant_pair)

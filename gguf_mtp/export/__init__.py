@@ -14,17 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import GGMLQuantizationType as Q
-
 from .. import keys, pairing
 from ..errors import GgufMtpError, IncompatiblePair
 from ..fsutil import check_output_path
 from . import metadata as md
 from .hparams import DrafterHparams, TextHparams, drafter_hparams, text_hparams
-from .plan import plan_tensors
+from .tensors import checkpoint_outtype, plan_tensors
 from .safetensors import SafetensorsReader
 from .source import Source, locate
-from .tables import FILE_TYPES, OUTTYPES, SOURCE_TYPES
+from .tables import FILE_TYPES, OUTTYPES
 from .tokenizer import Vocab, load_vocab
 from .writer import Progress, ProgressFn, size_label, write_gguf
 
@@ -97,12 +95,7 @@ def describe(src: str | os.PathLike | Source, *, centroids: bool = False) -> Des
             raise GgufMtpError(f"{where}: layer layout {text.layout} with {text.n_shared_kv} KV-shared layers cannot "
                                "run in llama.cpp: " + "; ".join(p.message for p in problems))
     vocab = load_vocab(s.path, s.config)
-    meta = md.general_keys(arch, s.source.rsplit("/", 1)[-1], FILE_TYPES[Q.F32])
-    meta.update(md.drafter_keys(d, centroids) if d else md.text_keys(arch, text))
-    meta.update(md.vocab_keys(vocab))
-    meta.update(md.provenance_keys(s.source, s.revision, s.role))
-    if d:
-        meta.update(md.pair_keys(d.backbone, vocab))
+    meta = md.model_keys(arch, s.source.rsplit("/", 1)[-1], text, d, vocab, s.source, s.revision, s.role, centroids)
     return Described(s, arch, text, d, vocab, meta)
 
 
@@ -115,13 +108,6 @@ def target_facts(target: str | os.PathLike) -> pairing.ModelFacts:
     if described.source.role != "target":
         raise GgufMtpError(f"--target {target}: expected a Gemma 4 target, got a {described.source.kind.name}")
     return described.facts()
-
-
-def _outtype(outtype: str, reader: SafetensorsReader, embed: str) -> Q:
-    """auto: the dtype of the token embedding (the checkpoint's dtype)."""
-    if outtype == "auto":
-        return SOURCE_TYPES.get(reader.entry(embed).dtype, Q.F16) if embed in reader else Q.F16
-    return OUTTYPES[outtype]
 
 
 def convert(
@@ -154,12 +140,11 @@ def convert(
     reader = SafetensorsReader.from_directory(s.path)
     try:
         prefix = next((p for p in s.kind.prefixes if p + "embed_tokens.weight" in reader), s.kind.prefixes[0])
-        qtype = _outtype(outtype, reader, prefix + "embed_tokens.weight")
+        qtype = checkpoint_outtype(outtype, reader, prefix + "embed_tokens.weight")  # auto: the embedding's dtype
         plan = plan_tensors(reader, prefix, described.text, len(described.vocab), qtype,
                             drafter=described.drafter, centroids=centroids, skip_prefixes=s.kind.skip_prefixes)
         meta = described.metadata
-        meta.u32("general.file_type", FILE_TYPES[qtype])
-        meta.insert_after("general.name", "general.size_label", md.KV(size_label(plan.tensors), md.T.STRING))
+        meta.finish(FILE_TYPES[qtype], size_label(plan.tensors))
         n_bytes = write_gguf(out, meta, plan.tensors, force=force, progress=progress)
     finally:
         reader.close()

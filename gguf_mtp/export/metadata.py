@@ -7,13 +7,16 @@ differences are listed in docs/export.md.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import GGML_QUANT_VERSION, GGUFValueType as T, Keys
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType as Q, GGUFValueType as T
 
 from .. import __version__, keys
+from ..keys import Keys
 from .hparams import DrafterHparams, TextHparams
+from .tables import FILE_TYPES
 from .tokenizer import Vocab
 
 
@@ -68,61 +71,67 @@ class Metadata(dict):
         if key not in self:
             self[key] = kv
 
+    def finish(self, file_type: int, size_label: str) -> None:
+        """The keys known once the tensors are: the file type, and the size label right after the name."""
+        self.u32(Keys.General.FILE_TYPE, file_type)
+        self.insert_after(Keys.General.NAME, Keys.General.SIZE_LABEL, KV(size_label, T.STRING))
+
     def plain(self) -> dict[str, Any]:
         return {k: kv.value for k, kv in self.items()}
 
 
 def general_keys(arch: str, name: str, file_type: int) -> Metadata:
     m = Metadata()
-    m.string("general.architecture", arch)
-    m.string("general.type", "model")
-    m.string("general.name", name)
-    m.u32("general.file_type", file_type)
-    m.u32("general.quantization_version", GGML_QUANT_VERSION)
+    m.string(Keys.General.ARCHITECTURE, arch)
+    m.string(Keys.General.TYPE, "model")
+    m.string(Keys.General.NAME, name)
+    m.u32(Keys.General.FILE_TYPE, file_type)
+    m.u32(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION)
     return m
 
 
 def text_keys(arch: str, hp: TextHparams) -> Metadata:
     """The ``{arch}.*`` keys llama.cpp's gemma4 / gemma4-assistant loaders read (see gguf-layout.md)."""
     m = Metadata()
-    a = f"{arch}."
+    a = functools.partial(keys.arch_key, arch=arch)
+    L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
     ff = [hp.n_ff_at(i) for i in range(hp.n_layer)]
     kv = [hp.layer(i).n_head_kv for i in range(hp.n_layer)]
-    m.u32(a + "block_count", hp.n_layer)
-    m.u32(a + "context_length", hp.n_ctx)
-    m.u32(a + "embedding_length", hp.n_embd)
-    m.u32_or_array(a + "feed_forward_length", ff, hp.double_wide)
-    m.u32(a + "attention.head_count", hp.n_head)
-    m.u32_or_array(a + "attention.head_count_kv", kv, hp.kv_override)
-    m.f32(a + "rope.freq_base", hp.rope_base_full)
-    m.f32(a + "rope.freq_base_swa", hp.rope_base_swa)
-    m.f32(a + "attention.layer_norm_rms_epsilon", hp.eps)
+    m.u32(a(L.BLOCK_COUNT), hp.n_layer)
+    m.u32(a(L.CONTEXT_LENGTH), hp.n_ctx)
+    m.u32(a(L.EMBEDDING_LENGTH), hp.n_embd)
+    m.u32_or_array(a(L.FEED_FORWARD_LENGTH), ff, hp.double_wide)
+    m.u32(a(A.HEAD_COUNT), hp.n_head)
+    m.u32_or_array(a(A.HEAD_COUNT_KV), kv, hp.kv_override)
+    m.f32(a(R.FREQ_BASE), hp.rope_base_full)
+    m.f32(a(R.FREQ_BASE_SWA), hp.rope_base_swa)
+    m.f32(a(A.LAYERNORM_RMS_EPS), hp.eps)
     if hp.moe:
-        m.u32(a + "expert_count", hp.n_expert)
-        m.u32(a + "expert_used_count", hp.n_expert_used)
-    m.u32(a + "attention.key_length", hp.head_dim_full)
-    m.u32(a + "attention.value_length", hp.head_dim_full)
+        m.u32(a(L.EXPERT_COUNT), hp.n_expert)
+        m.u32(a(L.EXPERT_USED_COUNT), hp.n_expert_used)
+    m.u32(a(A.KEY_LENGTH), hp.head_dim_full)
+    m.u32(a(A.VALUE_LENGTH), hp.head_dim_full)
     if hp.softcap:
-        m.f32(a + "final_logit_softcapping", hp.softcap)
-    m.u32(a + "attention.sliding_window", hp.sliding_window)
-    m.u32(a + "attention.shared_kv_layers", hp.n_shared_kv)
-    m.u32(a + "embedding_length_per_layer_input", hp.ple_dim)
-    m.array(a + "attention.sliding_window_pattern", list(hp.swa_layers))
-    m.u32(a + "attention.key_length_swa", hp.head_dim_swa)
-    m.u32(a + "attention.value_length_swa", hp.head_dim_swa)
+        m.f32(a(L.FINAL_LOGIT_SOFTCAPPING), hp.softcap)
+    m.u32(a(A.SLIDING_WINDOW), hp.sliding_window)
+    m.u32(a(A.SHARED_KV_LAYERS), hp.n_shared_kv)
+    m.u32(a(L.EMBD_LENGTH_PER_LAYER_INP), hp.ple_dim)
+    m.array(a(A.SLIDING_WINDOW_PATTERN), list(hp.swa_layers))
+    m.u32(a(A.KEY_LENGTH_SWA), hp.head_dim_swa)
+    m.u32(a(A.VALUE_LENGTH_SWA), hp.head_dim_swa)
     if hp.moe:
-        m.u32(a + "expert_feed_forward_length", hp.n_ff_exp)
+        m.u32(a(L.EXPERT_FEED_FORWARD_LENGTH), hp.n_ff_exp)
     # partial rotation of full layers goes through rope_freqs, so the full head dim is "rotated"
-    m.u32(a + "rope.dimension_count", hp.head_dim_full)
-    m.u32(a + "rope.dimension_count_swa", int(hp.head_dim_swa * hp.rot_swa))
+    m.u32(a(R.DIMENSION_COUNT), hp.head_dim_full)
+    m.u32(a(R.DIMENSION_COUNT_SWA), int(hp.head_dim_swa * hp.rot_swa))
     return m
 
 
 def drafter_keys(d: DrafterHparams, centroids: bool) -> Metadata:
     arch = keys.ARCH_DRAFTER
     m = text_keys(arch, d.text)
-    m.u32(f"{arch}.embedding_length_out", d.backbone)
-    m.u32(f"{arch}.nextn_predict_layers", d.text.n_layer)
+    m.u32(keys.arch_key(Keys.LLM.EMBEDDING_LENGTH_OUT, arch), d.backbone)
+    m.u32(keys.arch_key(Keys.LLM.NEXTN_PREDICT_LAYERS, arch), d.text.n_layer)
     if centroids:
         m.u32(keys.arch_key(keys.CENTROID_COUNT, arch), d.n_centroids)
         m.u32(keys.arch_key(keys.CENTROID_TOP_K, arch), d.centroid_top_k)
@@ -144,6 +153,19 @@ def vocab_keys(v: Vocab) -> Metadata:
     if v.chat_template:
         m.string(K.CHAT_TEMPLATE, v.chat_template)
     m.bool(K.ADD_PREFIX, False)
+    return m
+
+
+def model_keys(arch: str, name: str, text: TextHparams, drafter: DrafterHparams | None, vocab: Vocab, source: str,
+               revision: str | None, role: str, centroids: bool = False) -> Metadata:
+    """Every key of a target (``drafter=None``) or drafter file but the two ``finish`` adds once the tensors are
+    known, in the order written: general, the architecture's, tokenizer, provenance, pairing."""
+    m = general_keys(arch, name, FILE_TYPES[Q.F32])
+    m.update(drafter_keys(drafter, centroids) if drafter else text_keys(arch, text))
+    m.update(vocab_keys(vocab))
+    m.update(provenance_keys(source, revision, role))
+    if drafter:
+        m.update(pair_keys(drafter.backbone, vocab))
     return m
 
 

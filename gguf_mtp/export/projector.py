@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from .. import keys, pairing
+from ..keys import Keys
 from ..errors import GgufMtpError, IncompatiblePair
 from ..fsutil import check_output_path
 from . import ConvertResult, OUTTYPE_CHOICES, target_facts
@@ -30,7 +31,8 @@ from . import metadata as md
 from .hparams import _Cfg
 from .safetensors import SafetensorsReader
 from .source import Source, locate
-from .tables import FILE_TYPES, OUTTYPES, SOURCE_TYPES
+from .tables import FILE_TYPES
+from .tensors import Expected, checked_entry, checkpoint_outtype, count_leftovers
 from .writer import ProgressFn, TensorPlan, from_checkpoint, size_label, write_gguf
 
 __all__ = ["VisionHparams", "convert_projector", "describe_projector", "vision_hparams"]
@@ -67,7 +69,7 @@ IMAGE_DEFAULTS: dict[str, Any] = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1
 LLAMA_CPP_FIXED = {"rope_theta": 100.0, "attention_bias": False}
 # hidden_activation -> the clip.cpp flag that selects it. Upstream writes none, so clip.cpp falls back to
 # gelu_quick (x * sigmoid(1.702 x)): tiny-e's image embeddings then miss transformers' by 1.0%, 0.1% with the flag.
-ACTIVATION_KEYS = {"gelu_pytorch_tanh": "clip.use_gelu"}
+ACTIVATION_KEYS = {"gelu_pytorch_tanh": Keys.ClipVision.USE_GELU}
 DEFAULT_MERGE = 3  # clip.cpp's gemma4v n_merge when clip.vision.projector.scale_factor is absent
 CLAMPS = ("input_min", "input_max", "output_min", "output_max")
 
@@ -258,26 +260,26 @@ def vision_hparams(s: Source) -> VisionHparams:
 def projector_keys(hp: VisionHparams) -> md.Metadata:
     """clip.* keys as clip.cpp reads them; the optional ones only when the config leaves clip.cpp's defaults."""
     m = md.Metadata()
-    v = "clip.vision."
-    m.bool("clip.has_vision_encoder", True)
+    V = Keys.ClipVision
+    m.bool(Keys.Clip.HAS_VISION_ENCODER, True)
     m.bool(ACTIVATION_KEYS[hp.activation], True)
-    m.u32(v + "projection_dim", hp.text_hidden)
-    m.u32(v + "image_size", IMAGE_SIZE)
-    m.u32(v + "patch_size", hp.patch_size)
-    m.u32(v + "embedding_length", hp.n_embd)
-    m.u32(v + "feed_forward_length", hp.n_ff)
-    m.u32(v + "block_count", hp.n_layer)
-    m.u32(v + "attention.head_count", hp.n_head)
+    m.u32(V.PROJECTION_DIM, hp.text_hidden)
+    m.u32(V.IMAGE_SIZE, IMAGE_SIZE)
+    m.u32(V.PATCH_SIZE, hp.patch_size)
+    m.u32(V.EMBEDDING_LENGTH, hp.n_embd)
+    m.u32(V.FEED_FORWARD_LENGTH, hp.n_ff)
+    m.u32(V.BLOCK_COUNT, hp.n_layer)
+    m.u32(V.Attention.HEAD_COUNT, hp.n_head)
     if hp.n_head_kv != hp.n_head:
-        m.u32(v + "attention.head_count_kv", hp.n_head_kv)
+        m.u32(keys.CLIP_VISION_HEAD_COUNT_KV, hp.n_head_kv)
     if hp.head_dim * hp.n_head != hp.n_embd:  # clip.cpp derives hidden / heads otherwise
-        m.u32(v + "attention.head_dim", hp.head_dim)
-    m.array(v + "image_mean", hp.image_mean)
-    m.array(v + "image_std", hp.image_std)
-    m.string(v + "projector_type", PROJECTOR_TYPE)
-    m.f32(v + "attention.layer_norm_epsilon", hp.eps)
+        m.u32(keys.CLIP_VISION_HEAD_DIM, hp.head_dim)
+    m.array(V.IMAGE_MEAN, hp.image_mean)
+    m.array(V.IMAGE_STD, hp.image_std)
+    m.string(V.PROJECTOR_TYPE, PROJECTOR_TYPE)
+    m.f32(V.Attention.LAYERNORM_EPS, hp.eps)
     if hp.pooling != DEFAULT_MERGE:
-        m.u32(v + "projector.scale_factor", hp.pooling)
+        m.u32(V.Projector.SCALE_FACTOR, hp.pooling)
     return m
 
 
@@ -291,84 +293,66 @@ class DescribedProjector:
         return pairing.facts_from_metadata(self.metadata.plain(), None)
 
 
+def projector_file_keys(hp: VisionHparams, name: str, source: str, revision: str | None) -> md.Metadata:
+    """Every key of a projector file, in the order written (file type F32 until the tensors are known)."""
+    meta = md.general_keys(keys.ARCH_PROJECTOR, name, FILE_TYPES[Q.F32])
+    meta.string(Keys.General.TYPE, "mmproj")
+    meta.update(projector_keys(hp))
+    meta.update(md.provenance_keys(source, revision, "projector"))
+    return meta
+
+
 def describe_projector(src: str | os.PathLike | Source) -> DescribedProjector:
-    """The metadata a projector export of SRC would carry (file type F32 until the tensors are known)."""
+    """The metadata a projector export of SRC would carry."""
     s = src if isinstance(src, Source) else locate(src)
     hp = vision_hparams(s)
-    meta = md.general_keys(keys.ARCH_PROJECTOR, s.source.rsplit("/", 1)[-1], FILE_TYPES[Q.F32])
-    meta.string("general.type", "mmproj")
-    meta.update(projector_keys(hp))
-    meta.update(md.provenance_keys(s.source, s.revision, "projector"))
-    return DescribedProjector(s, hp, meta)
+    return DescribedProjector(s, hp, projector_file_keys(hp, s.source.rsplit("/", 1)[-1], s.source, s.revision))
 
 
 # --- tensors -----------------------------------------------------------------------------------------------------
-def _rows(hp: VisionHparams):
-    for row in GLOBAL:
-        yield row, None
-    for bid in range(hp.n_layer):
-        for row in LAYER:
-            yield row, bid
+def expected_projector_tensors(hp: VisionHparams, outtype: Q) -> list[Expected]:
+    """Every tensor of a projector file, in the order written, from the vision config alone (optional rows
+    included: a checkpoint may lack them, see ``plan_projector``). What a conversion writes, and what skeletons
+    and parameter counts are made of."""
+    dims, conds, out = hp.dims(), hp.conditions(), []
+    rows = [(row, None) for row in GLOBAL] + [(row, bid) for bid in range(hp.n_layer) for row in LAYER]
+    for row, bid in rows:
+        if not set(row.when) <= conds:
+            continue
+        shape = tuple(dims[d] for d in row.shape) or (1,)  # 0-d clamp scalars are written as {1}
+        if row.transform:
+            shape = TRANSFORMS[row.transform][0](shape, hp.patch_size)
+        name = row.gguf.format(bid=bid) if bid is not None else row.gguf
+        hf = "model." + (row.hf.format(bid=bid) if bid is not None else row.hf)
+        out.append(Expected(name, shape, tensor_type(name, len(shape), shape[-1], outtype), row, hf, dims))
+    return out
 
 
 def plan_projector(reader: SafetensorsReader, hp: VisionHparams, outtype: Q) -> tuple[list[TensorPlan], dict[str, int]]:
     """Every tensor the vision config implies, checked against the checkpoint; the rest accounted for."""
-    dims, conds = hp.dims(), hp.conditions()
     plans, used = [], set()
-    for row, bid in _rows(hp):
-        if not set(row.when) <= conds:
+    for e in expected_projector_tensors(hp, outtype):
+        if e.row.optional and e.hf not in reader:
             continue
-        name = "model." + (row.hf.format(bid=bid) if bid is not None else row.hf)
-        if row.optional and name not in reader:
-            continue
-        gguf_name = row.gguf.format(bid=bid) if bid is not None else row.gguf
-        plans.append(_plan_one(reader, row, name, gguf_name, dims, hp.patch_size, outtype))
-        used.add(name)
+        checked_entry(reader, e.row, e.hf, e.dims, "vision_config")
+        fn = None
+        if e.row.transform:
+            block_fn, p = TRANSFORMS[e.row.transform][1], hp.patch_size
+            fn = lambda rows, block_fn=block_fn: block_fn(rows, p)  # noqa: E731
+        plans.append(TensorPlan(e.name, e.shape, e.type, from_checkpoint(reader, e.hf, e.type, transform=fn), e.hf))
+        used.add(e.hf)
     return plans, _leftovers(reader, used)
-
-
-def _plan_one(reader: SafetensorsReader, row: Row, name: str, gguf_name: str, dims: dict[str, int], p: int,
-              outtype: Q) -> TensorPlan:
-    if name not in reader:
-        raise GgufMtpError(f"tensor {name} is missing from the checkpoint (its vision_config implies it)")
-    entry = reader.entry(name)
-    expected = tuple(dims[d] for d in row.shape)
-    if entry.shape != expected:
-        what = " x ".join(f"{d}={dims[d]}" for d in row.shape) or "a 0-d scalar"
-        raise GgufMtpError(f"tensor {name} has shape {list(entry.shape)}, but vision_config implies "
-                           f"{list(expected)} ({what})")
-    if entry.dtype not in ("F32", "F16", "BF16", "F64"):
-        raise GgufMtpError(f"tensor {name} has dtype {entry.dtype}; expected a float tensor")
-    shape, fn = entry.shape or (1,), None
-    if row.transform:
-        shape_of, block_fn = TRANSFORMS[row.transform]
-        shape = shape_of(shape, p)
-        fn = lambda rows: block_fn(rows, p)  # noqa: E731
-    qtype = tensor_type(gguf_name, len(shape), shape[-1], outtype)
-    return TensorPlan(gguf_name, shape, qtype, from_checkpoint(reader, name, qtype, transform=fn), name)
 
 
 def _leftovers(reader: SafetensorsReader, used: set[str]) -> dict[str, int]:
     """Tensors not written: the text model (the target file's) and the audio tower are counted; an unknown
     vision tensor is an error (it would change what the tower computes)."""
-    ignored: dict[str, int] = {}
-    for name in reader.names():
-        if name in used:
-            continue
+    def reason(name: str) -> str | None:
         if name.startswith((VISION, EMBED)):
-            raise GgufMtpError(f"unexpected tensor {name} in the checkpoint: not part of a Gemma 4 vision tower "
-                               "as vision_config describes it")
-        why = AUDIO_NOT_SUPPORTED if name.startswith(AUDIO_PREFIXES) else "the text model (the target GGUF holds it)"
-        ignored[why] = ignored.get(why, 0) + 1
-    return ignored
+            return None
+        return AUDIO_NOT_SUPPORTED if name.startswith(AUDIO_PREFIXES) else "the text model (the target GGUF holds it)"
 
-
-def _outtype(outtype: str, reader: SafetensorsReader) -> Q:
-    """auto: the dtype of the patch embedding (the checkpoint's dtype)."""
-    if outtype == "auto":
-        name = "model." + GLOBAL[0].hf
-        return SOURCE_TYPES.get(reader.entry(name).dtype, Q.F16) if name in reader else Q.F16
-    return OUTTYPES[outtype]
+    return count_leftovers(reader, used, reason, "a Gemma 4 vision tower as vision_config describes it")
 
 
 def convert_projector(
@@ -394,11 +378,10 @@ def convert_projector(
                                    + "; ".join(str(p) for p in problems))
     reader = SafetensorsReader.from_directory(s.path)
     try:
-        qtype = _outtype(outtype, reader)
+        qtype = checkpoint_outtype(outtype, reader, "model." + GLOBAL[0].hf)  # auto: the patch embedding's dtype
         tensors, ignored = plan_projector(reader, hp, qtype)
         meta = described.metadata
-        meta.u32("general.file_type", FILE_TYPES[qtype])
-        meta.insert_after("general.name", "general.size_label", md.KV(size_label(tensors), md.T.STRING))
+        meta.finish(FILE_TYPES[qtype], size_label(tensors))
         n_bytes = write_gguf(out, meta, tensors, force=force, progress=progress)
     finally:
         reader.close()

@@ -3,7 +3,7 @@
 One row per tensor kind; ``{bid}`` rows are expanded once per decoder layer. A row's ``when`` names the
 conditions (family features) under which the tensor exists, so E2B/E4B (PLE, shared KV, double-wide MLP),
 26B-A4B (MoE block beside the dense MLP), 31B (k_eq_v full layers) and the drafters all run through the same
-table. Shapes are HF (numpy) order, written as dimension names resolved per layer (see ``plan.py``).
+table. Shapes are HF (numpy) order, written as dimension names resolved per layer (see ``tensors.py``).
 Names follow llama.cpp's ``src/llama-arch.cpp``; conversion notes are in docs/export.md.
 """
 

@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter, quants
 
 from ..errors import GgufMtpError
 from ..fsutil import atomic_output, check_free_space, check_output_path
+from ..keys import Keys
 from .metadata import Metadata
 from .safetensors import SafetensorsReader, to_f32
 
@@ -116,14 +117,14 @@ def _pad(f, align: int) -> None:
 def write_gguf(path: str | Path, metadata: Metadata, tensors: list[TensorPlan], *, force: bool = False,
                progress: ProgressFn | None = None) -> int:
     """Write a GGUF atomically; returns its size in bytes. ``metadata`` must start with general.architecture."""
-    arch = metadata["general.architecture"].value
+    arch = metadata[Keys.General.ARCHITECTURE].value
     bytes_total = sum(t.nbytes for t in tensors)
     check_free_space(check_output_path(path, force), bytes_total)  # a full disk is found now, not after an hour
     with atomic_output(path, force) as tmp:
         w = GGUFWriter(None, arch)  # adds general.architecture itself
         try:
             for key, kv in metadata.items():
-                if key != "general.architecture":
+                if key != Keys.General.ARCHITECTURE:
                     w.add_key_value(key, kv.value, kv.type, kv.sub_type)
             for t in tensors:
                 w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)

@@ -3,7 +3,8 @@
 With a_i the chance that draft i is kept given drafts 0..i-1 were, a round with k drafts yields
 ``1 + a_0 + a_0 a_1 + ... + a_0...a_{k-1}`` tokens on average and costs ``k * t_draft + t_verify(k + 1)``.
 ``best_k`` picks the k with the best ratio; ``AdaptiveK`` feeds it running (exponentially decayed) acceptance by
-position and measured costs. ``FixedK`` is ``--draft-max K``.
+position and measured costs. ``FixedK`` is ``--draft-max K``. ``BatchAdaptiveK`` makes the same choice for the
+sequences of a batched round (scheduler.py), on the batch's costs.
 
 Timing noise on a shared machine is one-sided (a stall only adds time) and a single slow k=0 step would otherwise
 make drafting look cheap until k=0 is tried again, so costs are the minimum of recent measurements. (A batch of
@@ -24,11 +25,7 @@ EXPLORE_EVERY = 8  # with measured costs, every 8th drafting round tries a neigh
 
 def expected_tokens(accept: Sequence[float], k: int) -> float:
     """Mean tokens a round with k drafts emits (kept drafts + the target's own token)."""
-    total, run = 1.0, 1.0
-    for i in range(k):
-        run *= accept[min(i, len(accept) - 1)] if len(accept) else 0.0
-        total += run
-    return total
+    return 1.0 + sum(_reach(accept, k))
 
 
 def best_k(accept: Sequence[float], t_draft: float, t_verify: Callable[[int], float], cap: int) -> int:
@@ -113,6 +110,37 @@ class VerifyCost:
             return t0 * (1.0 + 0.1 * (n - n0))  # a verify row costs ~10% of a step until measured
         return max(self._line[0] + self._line[1] * n, 1e-9)
 
+    def slope(self) -> float:
+        """Seconds one more row adds: the line's slope (10% of a one-row batch until two sizes are measured)."""
+        if callable(self.fixed):
+            return max(self.fixed(2) - self.fixed(1), 0.0)
+        return self._line[1] if self._line is not None else 0.1 * self(1)
+
+
+class PositionAcceptance:
+    """Decayed counts of rounds that reached draft position i and of those that kept the draft there."""
+
+    def __init__(self, cap: int, decay: float = 0.95, prior: tuple[float, float] = (1.0, 1.0)) -> None:
+        self.decay = decay
+        self.prior = prior
+        self.tried = [0.0] * cap  # decayed counts of rounds that reached position i
+        self.kept = [0.0] * cap  # ... and kept the draft there
+
+    def observe(self, k: int, kept: int) -> None:
+        """A round with k drafts of which the first ``kept`` matched."""
+        for i in range(min(kept + 1, k)):  # positions whose fate we learned
+            self.tried[i] = self.tried[i] * self.decay + 1.0
+            self.kept[i] = self.kept[i] * self.decay + (1.0 if i < kept else 0.0)
+
+    def estimate(self) -> list[float]:
+        """Estimated a_i per position; untried positions inherit the deepest tried one's estimate."""
+        a, b = self.prior
+        est = [(kept + a) / (tried + a + b) for kept, tried in zip(self.kept, self.tried)]
+        deepest = max((i for i, t in enumerate(self.tried) if t > 0), default=None)
+        if deepest is not None:
+            est[deepest + 1:] = [est[deepest]] * (len(est) - deepest - 1)
+        return est
+
 
 class AdaptiveK:
     """Pick k each round from acceptance by position and measured costs.
@@ -127,11 +155,8 @@ class AdaptiveK:
                  probe_every: int = 16, t_draft: float | None = None,
                  t_verify: Mapping[int, float] | Callable[[int], float] | None = None) -> None:
         self.cap = cap
-        self.decay = decay
-        self.prior = prior
         self.probe_every = probe_every
-        self.tried = [0.0] * cap  # decayed counts of rounds that reached position i
-        self.kept = [0.0] * cap  # ... and kept the draft there
+        self.positions = PositionAcceptance(cap, decay, prior)
         self.fixed_draft = t_draft
         self.t_draft = RecentMin(16)
         self.t_verify = VerifyCost(t_verify)
@@ -142,20 +167,21 @@ class AdaptiveK:
         self.drafting = 0  # drafting rounds chosen (EXPLORE_EVERY)
 
     def acceptance(self) -> list[float]:
-        """Estimated a_i per position; untried positions inherit the deepest tried one's estimate."""
-        a, b = self.prior
-        est = [(kept + a) / (tried + a + b) for kept, tried in zip(self.kept, self.tried)]
-        deepest = max((i for i, t in enumerate(self.tried) if t > 0), default=None)
-        if deepest is not None:
-            est[deepest + 1:] = [est[deepest]] * (len(est) - deepest - 1)
-        return est
+        return self.positions.estimate()
 
     def draft_cost(self) -> float:
         if self.fixed_draft is not None:
             return self.fixed_draft
         if self.t_draft:
             return self.t_draft.get()
-        return 0.3 * self.t_verify(1)  # an MTP step is a small fraction of a target step
+        return 0.3 * self.verify_cost(1)  # an MTP step is a small fraction of a target step
+
+    def verify_cost(self, n: int) -> float:
+        return self.t_verify(n)
+
+    def measured(self) -> bool:
+        """Whether costs are measured (then neighbours of the best k are explored now and then)."""
+        return self.fixed_draft is None and self.t_verify.fixed is None
 
     def choose(self, limit: int) -> int:
         cap = min(self.cap, limit)
@@ -166,7 +192,7 @@ class AdaptiveK:
         if self.zero_run % RECHECK_ZERO:  # k=0 rounds teach nothing about acceptance: recheck now and then
             k = 0
         else:
-            k = best_k(self.acceptance(), self.draft_cost(), self.t_verify, cap)
+            k = best_k(self.acceptance(), self.draft_cost(), self.verify_cost, cap)
         self.probing = False
         if k == 0:
             self.zero_run += 1
@@ -176,7 +202,7 @@ class AdaptiveK:
                 return 1
             return 0
         self.zero_run = 0
-        if self.fixed_draft is None and self.t_verify.fixed is None:
+        if self.measured():
             self.drafting += 1
             if self.drafting % EXPLORE_EVERY == 0:
                 k = min(max(k + (1 if self.drafting // EXPLORE_EVERY % 2 else -1), 1), cap)
@@ -184,15 +210,88 @@ class AdaptiveK:
 
     def observe(self, k: int, kept: int, draft_time: float, verify_time: float) -> None:
         """One round: k drafts, the first ``kept`` matched; measured seconds of drafting and of verifying."""
+        self.observe_outcome(kept)
+        self.positions.observe(k, kept)
+        if k > 0 and self.fixed_draft is None:
+            self.t_draft.add(draft_time / k)
+        if self.t_verify.fixed is None:
+            self.t_verify.observe(k + 1, verify_time)
+
+    def observe_outcome(self, kept: int) -> None:
+        """A round chosen by ``choose`` ended with ``kept`` drafts kept (a kept probe resumes drafting)."""
         self.rounds += 1
         if kept > 0:
             self.probe_gap = self.probe_every
         elif self.probing:
             self.probe_gap = min(2 * self.probe_gap, 16 * self.probe_every)
-        for i in range(min(kept + 1, k)):  # positions whose fate we learned
-            self.tried[i] = self.tried[i] * self.decay + 1.0
-            self.kept[i] = self.kept[i] * self.decay + (1.0 if i < kept else 0.0)
-        if k > 0 and self.fixed_draft is None:
-            self.t_draft.add(draft_time / k)
-        if self.t_verify.fixed is None:
-            self.t_verify.observe(k + 1, verify_time)
+
+
+class BatchAdaptiveK(AdaptiveK):
+    """The draft length of a batched round for its adaptive sequences, from their acceptance and the batch's costs.
+
+    A round where n sequences draft k tokens each costs k drafter steps of n rows and one target decode of
+    ``other + n (k + 1)`` rows (``other``: rows of sequences with a fixed k), and yields the sum of the sequences'
+    expected tokens. Divided by n that is ``AdaptiveK``'s trade-off for one sequence, so its rule (start, k = 0
+    with probes, neighbour exploration) runs unchanged on: acceptance = the per-position ratios of the sequences'
+    mean chance to keep drafts 0..i; draft cost = a drafter step / n; verify cost of k + 1 rows = the batch
+    decode / n. The costs are measured on the batched decodes (``observe_costs``); k = 0 switches drafting off
+    for the whole batch. ``trim`` then shortens, per sequence, drafts that yield less than their rows cost.
+    """
+
+    def __init__(self, cap: int, *, probe_every: int = 16) -> None:
+        super().__init__(cap, probe_every=probe_every)
+        self.decode_cost = VerifyCost()  # seconds of a target decode of n rows (all sequences of a round)
+        self.step_cost = VerifyCost()  # seconds of a drafter step of n rows
+        self._reach: list[float] = [0.0] * cap  # mean over the round's sequences of P(drafts 0..i all kept)
+        self._n, self._other = 1, 0
+
+    def choose_batch(self, acceptances: Sequence[Sequence[float]], other_rows: int, limit: int) -> int:
+        """k for the sequences whose per-position acceptance estimates are ``acceptances``."""
+        self._n, self._other = max(len(acceptances), 1), other_rows
+        reach = [_reach(a, self.cap) for a in acceptances] or [[0.0] * self.cap]
+        self._reach = [sum(col) / len(reach) for col in zip(*reach)]
+        return self.choose(limit)
+
+    def acceptance(self) -> list[float]:
+        out, before = [], 1.0
+        for r in self._reach:
+            out.append(r / before if before > 0 else 0.0)
+            before = r
+        return out
+
+    def draft_cost(self) -> float:
+        if self.step_cost.est:
+            return self.step_cost(self._n) / self._n
+        return 0.3 * self.verify_cost(1)
+
+    def verify_cost(self, n: int) -> float:
+        return self.decode_cost(self._other + self._n * n) / self._n
+
+    def measured(self) -> bool:
+        return True
+
+    def trim(self, acceptance: Sequence[float], k: int) -> int:
+        """Drafts worth verifying for one sequence when the round drafts k: the first always (its acceptance is
+        learnt from it), each further one while its chance to be kept exceeds the tokens its drafter and verify
+        rows cost at the round's rate."""
+        if k <= 1 or self.probing:
+            return k
+        rate = expected_tokens(self.acceptance(), k) / (k * self.draft_cost() + self.verify_cost(k + 1))
+        row = (self.decode_cost.slope() + self.step_cost.slope()) * rate  # tokens one more row forgoes
+        reach = _reach(acceptance, k)
+        return max(1, sum(1 for r in reach if r >= row))
+
+    def observe_costs(self, steps: Sequence[tuple[int, float]], rows: int, verify_time: float) -> None:
+        """A round's measured costs: (rows, seconds) of each drafter step; the target decode of ``rows`` rows."""
+        for n, t in steps:
+            self.step_cost.observe(n, t)
+        self.decode_cost.observe(rows, verify_time)
+
+
+def _reach(acceptance: Sequence[float], n: int) -> list[float]:
+    """P(drafts 0..i all kept) for i < n."""
+    out, run = [], 1.0
+    for i in range(n):
+        run *= acceptance[min(i, len(acceptance) - 1)] if len(acceptance) else 0.0
+        out.append(run)
+    return out

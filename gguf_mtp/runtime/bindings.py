@@ -113,10 +113,11 @@ class BuftOverrides:
 
 # --- batches -------------------------------------------------------------------------------------
 class Batch:
-    """A reusable ``llama_batch`` (sequence 0) backed by numpy arrays.
+    """A reusable ``llama_batch`` backed by numpy arrays, one sequence id per row.
 
-    ``set`` fills the first n rows and returns the struct to pass to ``llama_decode``; with ``embd`` the rows carry
-    both token ids and embeddings (the MTP drafter's input: token + the target's hidden state).
+    ``set`` fills the first n rows of one sequence at consecutive positions and returns the struct to pass to
+    ``llama_decode``; ``rows`` fills rows of several sequences at any positions (batched decoding). With ``embd``
+    the rows carry both token ids and embeddings (the MTP drafter's input: token + the target's hidden state).
     """
 
     def __init__(self, capacity: int, n_embd: int = 0) -> None:
@@ -124,10 +125,10 @@ class Batch:
         self.token = np.zeros(capacity, dtype=np.int32)
         self.pos = np.zeros(capacity, dtype=np.int32)
         self.n_seq_id = np.ones(capacity, dtype=np.int32)
-        self._seq0 = np.zeros(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)  # row i's sequence; seq_id[i] points at seq[i]
         int_p = ctypes.POINTER(ctypes.c_int32)
         self._seq_ptrs = (int_p * capacity)(
-            *[ctypes.cast(self._seq0.ctypes.data + 4 * i, int_p) for i in range(capacity)])
+            *[ctypes.cast(self.seq.ctypes.data + 4 * i, int_p) for i in range(capacity)])
         self.logits = np.zeros(capacity, dtype=np.int8)
         self.embd = np.zeros((capacity, n_embd), dtype=np.float32) if n_embd else None
         self.struct = llama.llama_batch()
@@ -139,22 +140,32 @@ class Batch:
         self._embd_ptr = self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if n_embd else None
 
     def set(self, tokens: Sequence[int] | np.ndarray, pos0: int, outputs: str | Sequence[bool] = "last",
-            embd: np.ndarray | None = None, same_pos: bool = False) -> llama.llama_batch:
-        """Rows ``tokens`` at positions pos0, pos0+1, ... (all at pos0 with ``same_pos``).
+            embd: np.ndarray | None = None, same_pos: bool = False, seq: int = 0) -> llama.llama_batch:
+        """Rows ``tokens`` of sequence ``seq`` at positions pos0, pos0+1, ... (all at pos0 with ``same_pos``).
 
         ``outputs``: "last", "all", "none", or one flag per row.
         """
         n = len(tokens)
+        pos = np.full(n, pos0, dtype=np.int32) if same_pos else np.arange(pos0, pos0 + n, dtype=np.int32)
+        if isinstance(outputs, str):
+            flags = np.full(n, outputs == "all", dtype=np.int8)
+            if outputs == "last" and n:
+                flags[n - 1] = 1
+            outputs = flags
+        return self.rows(tokens, pos, seq, outputs, embd)
+
+    def rows(self, tokens: Sequence[int] | np.ndarray, pos: Sequence[int] | np.ndarray,
+             seq: int | Sequence[int] | np.ndarray, outputs: Sequence[bool] | np.ndarray,
+             embd: np.ndarray | None = None) -> llama.llama_batch:
+        """Row i: ``tokens[i]`` at ``pos[i]`` in sequence ``seq[i]`` (or all in ``seq``), an output if
+        ``outputs[i]``, reading ``embd[i]`` when given."""
+        n = len(tokens)
         if n > self.capacity:
             raise ValueError(f"batch of {n} rows exceeds capacity {self.capacity}")
         self.token[:n] = tokens
-        self.pos[:n] = pos0 if same_pos else np.arange(pos0, pos0 + n, dtype=np.int32)
-        if isinstance(outputs, str):
-            self.logits[:n] = 1 if outputs == "all" else 0
-            if outputs == "last" and n:
-                self.logits[n - 1] = 1
-        else:
-            self.logits[:n] = outputs
+        self.pos[:n] = pos
+        self.seq[:n] = seq
+        self.logits[:n] = outputs
         if embd is not None:
             if self.embd is None:
                 raise ValueError("this batch was made without an embedding buffer")

@@ -51,14 +51,21 @@ class MTPDrafter:
         qs: list[np.ndarray] = []
         for _ in range(req.k):
             logits, h = self.engine.draft_step(token, req.pos, h)
-            if req.sample:
-                q = probabilities(logits, req.sampling)
-                token = sample(q, req.rng)
-                qs.append(q)
-            else:
-                token = int(np.argmax(logits))
+            token, q = draft_token(logits, req.sampling, req.sample, req.rng)
             out.append(token)
+            if q is not None:
+                qs.append(q)
         return Draft(out, np.stack(qs) if qs else None)
+
+
+def draft_token(logits: np.ndarray, sampling: SamplingParams, sampled: bool,
+                rng: np.random.Generator) -> tuple[int, np.ndarray | None]:
+    """One MTP draft from the drafter's logits: a draw from q (returned, for rejection sampling) when
+    ``sampled``, else the argmax (greedy drafts: what exact-match acceptance keeps most often)."""
+    if not sampled:
+        return int(np.argmax(logits)), None
+    q = probabilities(logits, sampling)
+    return sample(q, rng), q
 
 
 class OracleDrafter:

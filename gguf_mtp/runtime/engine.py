@@ -50,22 +50,25 @@ class Engine:
     load_log: list[LogLine] = field(default_factory=list, repr=False)  # what llama.cpp said while loading
     buffers: dict[str, list[str]] = field(default_factory=dict)  # model path -> buffer types its weights went to
     tokens: list[int] = field(default_factory=list, repr=False)  # the target KV cache: position i holds tokens[i]
+    n_seq: int = 1  # sequences the contexts hold (batch_engine.BatchEngine drives n_seq > 1; this API uses seq 0)
 
     # --- loading ------------------------------------------------------------------------------------
     @classmethod
     def load(cls, target: str | Path, drafter: str | Path | None = None, settings: RuntimeSettings | None = None,
-             *, k_max: int | None = None, allow_no_drafter: bool = False) -> Engine:
+             *, k_max: int | None = None, allow_no_drafter: bool = False, n_seq: int = 1) -> Engine:
         """Check the pair, load both files and make the two contexts.
 
         ``k_max`` bounds the draft length (default: the settings' draft_max, else draft_cap); the target's
         n_batch is raised to 1 + k_max so one verify batch always fits. A drafter that cannot be loaded or whose
         context cannot be made raises with llama.cpp's reason, unless ``allow_no_drafter`` (then a warning, and
-        ``drafter_problem`` says why).
+        ``drafter_problem`` says why). ``n_seq`` > 1 makes contexts for that many sequences (_context_params).
         """
         settings = settings or RuntimeSettings()
         if k_max is None:
             k_max = settings.draft_max if settings.draft_max is not None else settings.draft_cap
         k_max = max(0, k_max)
+        if not 1 <= n_seq <= llama.llama_max_parallel_sequences():
+            raise GgufMtpError(f"sequences: expected 1..{llama.llama_max_parallel_sequences()}, got {n_seq}")
         target, drafter = Path(target), Path(drafter) if drafter else None
         facts_t = pairing.facts_from_gguf(target)
         facts_d = pairing.facts_from_gguf(drafter) if drafter else None
@@ -79,9 +82,9 @@ class Engine:
                             device)
             buffers: dict[str, list[str]] = {}
             model = _load_model(target, settings.n_gpu_layers, settings.repack, overrides, lines, buffers)
-            eng = cls(target, drafter, settings, k_max, model, 0, buffers=buffers)
+            eng = cls(target, drafter, settings, k_max, model, 0, buffers=buffers, n_seq=n_seq)
             try:
-                eng.ctx = _new_context(model, _context_params(settings, k_max), lines, f"{target}: context")
+                eng.ctx = _new_context(model, _context_params(settings, k_max, n_seq), lines, f"{target}: context")
                 if drafter is not None:
                     eng._attach_drafter(drafter, lines, allow_no_drafter)
             except BaseException:
@@ -96,11 +99,11 @@ class Engine:
         try:
             self.draft_model = _load_model(path, -1 if self.settings.drafter_on_gpu else 0, self.settings.repack,
                                            None, lines, self.buffers)
-            cp = _context_params(self.settings, self.k_max)
+            cp = _context_params(self.settings, self.k_max, self.n_seq)
             cp.ctx_type = llama.LLAMA_CONTEXT_TYPE_MTP
             cp.ctx_other = self.ctx
             cp.n_ctx = llama.llama_n_ctx(self.ctx)
-            cp.n_batch = cp.n_ubatch = max(1, self.k_max + 1)
+            cp.n_batch = cp.n_ubatch = self.draft_rows_max
             cp.n_rs_seq = 0
             self.draft_ctx = _new_context(self.draft_model, cp, lines, f"{path}: MTP drafter context")
             n_out = llama.llama_model_n_embd_out(self.draft_model)
@@ -126,7 +129,7 @@ class Engine:
         if self.draft_ctx is not None:
             llama_ext.llama_set_embeddings_nextn(self.ctx, True, False)  # one hidden row per batch token
             llama_ext.llama_set_embeddings_nextn(self.draft_ctx, True, True)  # rows only for outputs
-            self._draft_batch = Batch(max(1, self.k_max + 1), self.n_embd)
+            self._draft_batch = Batch(self.draft_rows_max, self.n_embd)
 
     # --- lifetime -----------------------------------------------------------------------------------
     def _free_drafter(self) -> None:
@@ -154,6 +157,11 @@ class Engine:
     @property
     def has_drafter(self) -> bool:
         return self.draft_ctx is not None
+
+    @property
+    def draft_rows_max(self) -> int:
+        """Rows one drafter decode takes: k_max + 1 (``draft_rows``), or one per sequence (a batched step)."""
+        return max(1, self.k_max + 1, self.n_seq)
 
     # --- tokenizer ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -216,8 +224,21 @@ class Engine:
     def truncate(self, n: int) -> None:
         """Forget positions >= n (a rejected draft, an edited chat turn)."""
         if n < self.n_past:
-            llama.llama_memory_seq_rm(self.mem, 0, max(n, 0), -1)
-            del self.tokens[max(n, 0):]
+            self._forget_from(max(n, 0))
+
+    def drop_unrecorded(self) -> None:
+        """Clear cells at positions >= n_past: rows a failed batch decoded outside ``decode`` (the projector's)
+        may have left, which ``tokens`` never recorded."""
+        self._forget_from(self.n_past)
+
+    def _forget_from(self, n: int) -> None:
+        llama.llama_memory_seq_rm(self.mem, 0, n, -1)
+        del self.tokens[n:]
+
+    def record_decoded(self, token: int, n: int) -> None:
+        """Note that a decode outside ``decode`` (the projector's) wrote n positions at n_past; ``token`` stands
+        for all of them (an image's identity id), so ``reuse_prefix`` can match them next turn."""
+        self.tokens.extend([int(token)] * n)
 
     def can_rewind_to(self, n: int) -> bool:
         """Whether positions < n are all still usable after dropping the rest.
@@ -225,17 +246,18 @@ class Engine:
         A sliding-window cache sized to the window (swa_full off) overwrites old cells; going back to n needs the
         cells of the window before n (llama-server's rule).
         """
-        if n >= self.n_past or n == 0 or self.n_swa == 0 or self.settings.swa_full:
+        return self.seq_can_rewind_to(0, n, self.n_past)
+
+    def seq_can_rewind_to(self, seq: int, n: int, n_past: int) -> bool:
+        """``can_rewind_to`` for sequence ``seq``, whose cache holds ``n_past`` positions."""
+        if n >= n_past or n == 0 or self.n_swa == 0 or self.settings.swa_full:
             return True
-        pos_min = int(llama.llama_memory_seq_pos_min(self.mem, 0))
+        pos_min = int(llama.llama_memory_seq_pos_min(self.mem, seq))
         return pos_min <= 0 or pos_min < n - self.n_swa
 
     def reuse_prefix(self, prompt: Sequence[int]) -> int:
         """Keep the cached prefix shared with ``prompt`` (at least its last token is left to decode); returns it."""
-        keep = 0
-        limit = min(self.n_past, len(prompt) - 1)
-        while keep < limit and self.tokens[keep] == prompt[keep]:
-            keep += 1
+        keep = reusable_prefix(self.tokens, prompt)
         if not self.can_rewind_to(keep):
             keep = 0
         self.truncate(keep)
@@ -276,21 +298,40 @@ class Engine:
     def draft_step(self, token: int, pos: int, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One drafter step: (token at pos, previous hidden) -> (logits, hidden for the next step)."""
         logits = self.draft_rows([token], pos, hidden[None, :])
-        h = np.ctypeslib.as_array(llama_ext.llama_get_embeddings_nextn_ith(self.draft_ctx, 0), shape=(self.n_embd,))
-        return logits[0], h
+        return logits[0], self.draft_hidden(0)
 
-    def draft_rows(self, tokens: Sequence[int], pos: int, hidden: np.ndarray) -> np.ndarray:
+    def draft_rows(self, tokens: Sequence[int], pos: int | Sequence[int], hidden: np.ndarray,
+                   seqs: Sequence[int] | None = None) -> np.ndarray:
         """Several drafter rows in one llama_decode, all at position ``pos`` (a Gemma 4 drafter drafts every step
         of a round at the same position): row i reads (tokens[i], hidden[i]); returns logits (n, n_vocab).
 
         The drafter keeps no KV of its own (it reads the target's), so each row is what ``draft_step`` gives for
-        the same inputs; up to k_max + 1 rows cost one drafter call.
+        the same inputs; up to ``draft_rows_max`` rows cost one drafter call. A batched step passes one row per
+        sequence: ``seqs[i]`` and ``pos[i]``, the position after that sequence's cache (llama.cpp refuses rows
+        that do not continue their sequence's cache).
         """
-        b = self._draft_batch.set(tokens, pos, "all", embd=hidden, same_pos=True)
+        n = len(tokens)
+        pos_rows = np.full(n, pos, dtype=np.int32) if isinstance(pos, int) else pos
+        b = self._draft_batch.rows(tokens, pos_rows, 0 if seqs is None else seqs, np.ones(n, np.int8), embd=hidden)
         rc = llama.llama_decode(self.draft_ctx, b)
         if rc != 0:
             raise GgufMtpError(f"drafter decode failed (code {rc}) at position {pos}")
-        return np.ctypeslib.as_array(llama.llama_get_logits(self.draft_ctx), shape=(len(tokens), self.n_vocab))
+        return np.ctypeslib.as_array(llama.llama_get_logits(self.draft_ctx), shape=(n, self.n_vocab))
+
+    def draft_hidden(self, row: int) -> np.ndarray:
+        """The drafter's hidden state at row ``row`` of its last decode: the next step's input."""
+        return np.ctypeslib.as_array(llama_ext.llama_get_embeddings_nextn_ith(self.draft_ctx, row),
+                                     shape=(self.n_embd,))
+
+
+def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """Length of the longest common prefix of a cache and a prompt, leaving at least the prompt's last token to
+    decode (its logits give the first new token)."""
+    keep, limit = 0, min(len(cached), len(prompt) - 1)
+    while keep < limit and cached[keep] == prompt[keep]:
+        keep += 1
+    return keep
+
 
 def _runtime_centroids() -> bool:
     from . import centroid_support
@@ -312,10 +353,15 @@ def _load_model(path: Path, n_gpu_layers: int, repack: bool, overrides: BuftOver
     return model
 
 
-def _context_params(s: RuntimeSettings, k_max: int) -> llama.llama_context_params:
+def _context_params(s: RuntimeSettings, k_max: int, n_seq: int = 1) -> llama.llama_context_params:
+    """Several sequences share one unified KV pool of n_ctx cells: llama.cpp then splits a batch of any mix of
+    sequences into ubatches in order (one graph per round); per-sequence caches split it into equal per-sequence
+    slices, several graphs per round. One verify batch of every sequence fits n_batch."""
     cp = llama.llama_context_default_params()
     cp.n_ctx = s.n_ctx
-    cp.n_batch = max(s.n_batch, k_max + 1)
+    cp.n_batch = max(s.n_batch, n_seq * (k_max + 1))
+    cp.n_seq_max = n_seq
+    cp.kv_unified = n_seq > 1
     cp.n_ubatch = min(s.n_ubatch, cp.n_batch)
     cp.type_k = KV_TYPE_IDS[s.cache_type_k]
     cp.type_v = KV_TYPE_IDS[s.cache_type_v]

@@ -8,7 +8,7 @@ position ``engine.n_past``) and ``h`` (the target's hidden state one position ea
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from ..errors import GgufMtpError
 from .adaptive import AdaptiveK, FixedK
 from .drafters import Draft, Drafter, DraftRequest, MTPDrafter
 from .engine import Engine
-from .sampling import SamplingParams, accept_exact, accept_rejection, probabilities, sample
+from .sampling import SamplingParams, accept_drafts, pick
 from .stats import Stats
 
 if TYPE_CHECKING:
@@ -35,6 +35,42 @@ class Round:
     k: int  # drafts verified (0: a plain decoding step; also 0 for the first token, sampled from the prompt)
     kept: int  # drafts that matched (before any stop cut)
     first: bool = False  # the token sampled from the prompt's logits
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Which tokens end generation (they are not emitted): ``stops``, and end-of-generation tokens unless
+    ``ignore_eog``."""
+
+    stops: frozenset[int]
+    ignore_eog: bool
+    is_eog: Callable[[int], bool]
+
+    def reason(self, token: int) -> str | None:
+        if token in self.stops:
+            return "stop"
+        if not self.ignore_eog and self.is_eog(token):
+            return "eog"
+        return None
+
+
+def emit(new: Sequence[int], kept: int, stats: Stats, stop: StopRule, max_tokens: int) -> tuple[list[int], bool]:
+    """What a round hands out: ``new`` (its ``kept`` drafts, then the target's token) cut before a stop token,
+    counted into ``stats``; and whether generation ends here (a stop token, or ``max_tokens`` reached)."""
+    out: list[int] = []
+    for t in new:
+        reason = stop.reason(t)
+        if reason:
+            stats.stop_reason, stats.stop_token = reason, t
+            break
+        out.append(t)
+    n_drafts = min(len(out), kept)
+    stats.accepted += n_drafts
+    stats.bonus += len(out) - n_drafts
+    stats.tokens += len(out)
+    if not stats.stop_reason and stats.tokens >= max_tokens:
+        stats.stop_reason = "max_tokens"
+    return out, bool(stats.stop_reason)
 
 
 @dataclass
@@ -86,21 +122,15 @@ def speculative_generate(
     drafter = drafter or (MTPDrafter(engine) if engine.has_drafter else None)
     chooser = chooser or (make_chooser(engine) if drafter else FixedK(0))
     rng = np.random.default_rng(sampling.seed)
-    stops = set(stop_tokens)
+    stop = StopRule(frozenset(stop_tokens), ignore_eog, engine.is_eog)
     context = list(prompt)
-
-    def _is_stop(t: int) -> bool:
-        return t in stops or (not ignore_eog and engine.is_eog(t))
-
-    def _pick(logits: np.ndarray) -> int:
-        return int(np.argmax(logits)) if sampling.greedy else sample(probabilities(logits, sampling), rng)
 
     def _prefill() -> tuple[int, np.ndarray | None]:
         t0 = time.perf_counter()
         keep = stats.reused_tokens = media.reuse_prefix(engine) if media is not None else engine.reuse_prefix(prompt)
         todo = prompt[keep:]
         rows = media.decode(engine, keep) if media is not None else engine.decode(todo, outputs="last")
-        y = _pick(engine.logits(1)[0])
+        y = pick(engine.logits(1)[0], sampling, rng)
         h = engine.hidden(rows - 1).copy() if engine.has_drafter else None
         stats.prefill_tokens, stats.prefill_time = len(todo), time.perf_counter() - t0
         return y, h
@@ -116,35 +146,12 @@ def speculative_generate(
         """Decode [y, d1..dk] in one batch; (drafts kept, the target's next token)."""
         k = len(d.tokens)
         engine.decode([y, *d.tokens], outputs="all")
-        logits = engine.logits(k + 1)
-        if sampling.greedy:
-            best = np.argmax(logits, axis=1)
-            kept = 0
-            while kept < k and best[kept] == d.tokens[kept]:
-                kept += 1
-            return kept, int(best[kept])
-        rows = lambda i: probabilities(logits[i], sampling)  # noqa: E731
-        if accept == "rejection":
-            return accept_rejection(rows, d.tokens, d.probs, rng)
-        return accept_exact(rows, d.tokens, rng)
+        return accept_drafts(engine.logits(k + 1), d.tokens, d.probs, sampling, accept, rng)
 
     def _emit(new: list[int], kept: int) -> tuple[list[int], bool]:
-        """The tokens to hand out (cut at a stop token or max_tokens) and whether generation ends here."""
-        out: list[int] = []
-        for t in new:
-            if _is_stop(t):
-                stats.stop_reason = "stop" if t in stops else "eog"
-                stats.stop_token = t
-                break
-            out.append(t)
-        n_drafts = min(len(out), kept)
-        stats.accepted += n_drafts
-        stats.bonus += len(out) - n_drafts
-        stats.tokens += len(out)
+        out, done = emit(new, kept, stats, stop, max_tokens)
         context.extend(out)
-        if not stats.stop_reason and stats.tokens >= max_tokens:
-            stats.stop_reason = "max_tokens"
-        return out, bool(stats.stop_reason)
+        return out, done
 
     y, h = _prefill()
     t_start = time.perf_counter()

@@ -263,9 +263,9 @@ class MediaPrompt:
                                                    engine.n_past, 0, engine.n_batch, ctypes.byref(new_past),
                                                    mt.mtmd_helper_post_decode_callback(), None)
         if rc != 0:
-            llama.llama_memory_seq_rm(engine.mem, 0, engine.n_past, -1)  # rows a failed batch may have left
+            engine.drop_unrecorded()
             raise GgufMtpError(f"target decode of an image failed (code {rc}) at position {engine.n_past}"
                                f" ({error_lines(lines) or 'no reason logged'})")
-        engine.tokens.extend([self.tokens[s.start]] * s.n_tokens)
+        engine.record_decoded(self.tokens[s.start], s.n_tokens)
         self.encoded += s.n_tokens
 

@@ -1,12 +1,15 @@
 """Sampling and draft acceptance, in numpy.
 
-Two acceptance rules, both lossless (every emitted token is distributed as the target's sampler says):
+Two acceptance rules, both lossless (every emitted token is distributed as the target's sampler says), and their
+greedy case:
 - ``accept_exact`` (llama.cpp's rule): sample the target at each verify row, keep drafts while they equal the
   sample; the first mismatching sample is the bonus token. Works with any drafter, greedy drafts are best.
 - ``accept_rejection`` (speculative sampling, Leviathan et al. 2023 / Chen et al. 2023): drafts are samples from
   the drafter's q; keep draft d with probability min(1, p(d)/q(d)); on rejection sample from
   norm(max(p - q, 0)); if every draft is kept the bonus comes from p at the row after the last draft. The
   acceptance rate is sum_x min(p(x), q(x)), higher than exact matching whenever q is not one-hot.
+- ``accept_greedy``: both rules for a greedy target (p one-hot at the argmax), read straight off the logits.
+``accept_drafts`` picks one of them for a request; ``pick`` samples a token the target produces on its own.
 
 The target and drafter distributions go through the same ``probabilities`` transform (top-k, temperature,
 top-p, min-p, in that order), so "the target's distribution" is well defined for both rules.
@@ -78,6 +81,33 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
 
 
 Rows = Callable[[int], np.ndarray]  # verify row i -> the target's distribution p_i (computed on demand)
+
+
+def accept_greedy(logits: np.ndarray, drafts: Sequence[int]) -> tuple[int, int]:
+    """(number of drafts kept, next token) for a greedy target: keep drafts while each is its verify row's
+    argmax. ``logits`` holds the len(drafts) + 1 verify rows; no distribution or random draw is needed."""
+    best = np.argmax(logits[:len(drafts) + 1], axis=1)
+    kept = 0
+    while kept < len(drafts) and best[kept] == drafts[kept]:
+        kept += 1
+    return kept, int(best[kept])
+
+
+def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """The target's token from one row of logits: the argmax when greedy, else a draw from the sampler."""
+    return int(np.argmax(logits)) if params.greedy else sample(probabilities(logits, params), rng)
+
+
+def accept_drafts(logits: np.ndarray, drafts: Sequence[int], q: np.ndarray | None, params: SamplingParams,
+                  rule: str, rng: np.random.Generator) -> tuple[int, int]:
+    """(drafts kept, next token) from the len(drafts) + 1 verify rows' logits, by ``rule`` ("exact" or
+    "rejection"; ``q`` as ``accept_rejection`` takes it). Distributions are computed only for rows reached."""
+    if params.greedy:
+        return accept_greedy(logits, drafts)
+    rows = lambda i: probabilities(logits[i], params)  # noqa: E731
+    if rule == "rejection":
+        return accept_rejection(rows, drafts, q, rng)
+    return accept_exact(rows, drafts, rng)
 
 
 def accept_exact(target: Rows, drafts: Sequence[int], rng: np.random.Generator) -> tuple[int, int]:

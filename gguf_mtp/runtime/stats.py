@@ -28,7 +28,7 @@ class Stats:
     draft_time: float = 0.0
     verify_time: float = 0.0
     generate_time: float = 0.0  # wall time after the prompt, drafting and verifying included
-    stop_reason: str = ""  # eog | stop | max_tokens | context
+    stop_reason: str = ""  # eog | stop | max_tokens | context (| cancelled: the batched scheduler)
     stop_token: int | None = None  # the end-of-generation / stop token that ended it (not emitted)
 
     def record_round(self, k: int, kept: int) -> None:
@@ -44,6 +44,19 @@ class Stats:
             self.proposed_by_position[i] += 1
         for i in range(kept):
             self.accepted_by_position[i] += 1
+
+    def add(self, other: Stats) -> None:
+        """Add another generation's counts and times (totals over requests: a server's metrics)."""
+        for name in ("rounds", "proposed", "accepted", "bonus", "tokens", "prefill_tokens", "reused_tokens",
+                     "prefill_time", "draft_time", "verify_time", "generate_time"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.proposed_by_position, other.proposed_by_position),
+                             (self.accepted_by_position, other.accepted_by_position)):
+            mine += [0] * (len(theirs) - len(mine))
+            for i, v in enumerate(theirs):
+                mine[i] += v
+        for k, v in other.k_histogram.items():
+            self.k_histogram[k] = self.k_histogram.get(k, 0) + v
 
     @property
     def acceptance_rate(self) -> float:

@@ -2,7 +2,8 @@
 
 ``apply()`` patches the classes in place, once per process, and returns the names of the fixes it
 applied. It changes nothing for configs the upstream code already handles; it only makes three cases run
-that otherwise crash. Used by tests/reference.py, which uses transformers as the reference implementation.
+that otherwise crash. Used by gguf_mtp/transformers_reference.py, which uses transformers as the reference
+implementation.
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
-"""Memory arithmetic for Gemma 4 on llama.cpp: tensor bytes, KV-cache cells and bytes, compute buffers.
+"""Memory arithmetic for Gemma 4 on llama.cpp: sizes, tensor bytes, KV-cache cells and bytes, compute buffers.
 
-Pure functions over numbers (no files, no llama.cpp): ``plan.py`` feeds them a model layout and a set of runtime
+Pure functions over numbers (no files, no llama.cpp): ``placement.py`` feeds them a model layout and a set of runtime
 settings. Each formula names the llama.cpp behaviour it reproduces (llama-context.cpp, llama-kv-cache*.cpp,
 ggml-alloc); tests/test_plan.py checks them against llama.cpp's own no_alloc numbers on full-size skeletons.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .errors import GgufMtpError
+from ..errors import GgufMtpError
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -19,6 +21,28 @@ GiB = 1024 * MiB
 KV_CELL_PAD = 256  # llama_context pads n_ctx (and the SWA cache) to 256 cells
 TENSOR_ALIGN = 32  # GGUF data alignment; CPU buffers align each tensor to 32 bytes (CUDA: 128)
 GPU_TENSOR_ALIGN = 128
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+# --- sizes as people write them ---------------------------------------------------------------------
+
+
+def parse_size(text: str | int) -> int:
+    """'24GiB', '24GB' (decimal), '1024MiB', '1.5G' (binary) -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise GgufMtpError(f"expected a size like 24GiB, 24GB or 1024MiB, got {text!r}")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    scale = {"B": 1, "K": 2**10, "KI": 2**10, "KIB": 2**10, "KB": 10**3, "M": 2**20, "MI": 2**20, "MIB": 2**20,
+             "MB": 10**6, "G": 2**30, "GI": 2**30, "GIB": 2**30, "GB": 10**9, "T": 2**40, "TI": 2**40,
+             "TIB": 2**40, "TB": 10**12}[unit]
+    return int(value * scale)
+
+
+def fmt_size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
 
 
 # --- ggml types -------------------------------------------------------------------------------------
@@ -121,64 +145,17 @@ def kv_cells(n_ctx: int, n_ubatch: int, n_swa: int, n_seq: int = 1, unified: boo
     return KVCells(n_ctx=n_ctx, full=per_seq, sliding=swa, streams=1 if unified else n_seq)
 
 
-@dataclass(frozen=True)
-class KVBytes:
-    full_k: int
-    full_v: int
-    sliding_k: int
-    sliding_v: int
-    layers_full: int
-    layers_sliding: int
-
-    @property
-    def full(self) -> int:
-        return self.full_k + self.full_v
-
-    @property
-    def sliding(self) -> int:
-        return self.sliding_k + self.sliding_v
-
-    @property
-    def total(self) -> int:
-        return self.full + self.sliding
-
-
-def kv_layer_bytes(layer: AttnLayer, cells: int, streams: int, type_k: str, type_v: str,
-                   v_row: int | None = None) -> tuple[int, int]:
-    """(K, V) bytes of one owning layer: a {n_embd_kv, cells, streams} tensor each.
-
-    ``v_row``: V width when flash attention is off and widths differ across layers (llama.cpp pads every
-    V cache to the widest layer, the "padding V cache" warning).
-    """
-    k = row_bytes(type_k, layer.n_embd_kv) * cells * streams
-    v = row_bytes(type_v, v_row or layer.n_embd_kv) * cells * streams
-    return k, v
-
-
-def kv_cache_bytes(layers: list[AttnLayer], cells: KVCells, type_k: str, type_v: str,
-                   flash_attn: bool) -> KVBytes:
-    """The target's whole KV cache. Shared-KV layers store nothing; with flash attention off the V cache is
-    transposed and every layer's V row is padded to the widest (over *all* layers, shared ones included)."""
-    v_widths = {layer.n_embd_kv for layer in layers}
-    v_row = max(v_widths) if not flash_attn and len(v_widths) > 1 else None
-    acc = {"full_k": 0, "full_v": 0, "sliding_k": 0, "sliding_v": 0}
-    n = {"full": 0, "sliding": 0}
+def kv_bytes(layers: Sequence[AttnLayer], cells: KVCells, type_k: str, type_v: str, flash_attn: bool) -> list[int]:
+    """K + V bytes of each layer's cache, a {n_embd_kv, cells, streams} tensor each (0 for a KV-shared layer, which
+    reads an earlier layer's). With flash attention off the V cache is transposed and, when widths differ, every V
+    row is padded to the widest layer's -- over *all* layers, shared ones included (llama.cpp's "padding V cache")."""
+    widths = {layer.n_embd_kv for layer in layers}
+    v_row = max(widths) if not flash_attn and len(widths) > 1 else None
+    out = []
     for layer in layers:
-        if not layer.owns_kv:
-            continue
-        kind = "sliding" if layer.sliding else "full"
-        k, v = kv_layer_bytes(layer, cells.sliding if layer.sliding else cells.full, cells.streams, type_k,
-                              type_v, v_row)
-        acc[f"{kind}_k"] += k
-        acc[f"{kind}_v"] += v
-        n[kind] += 1
-    return KVBytes(**acc, layers_full=n["full"], layers_sliding=n["sliding"])
-
-
-def kv_bytes_per_cell(layers: list[AttnLayer], type_k: str, type_v: str, flash_attn: bool) -> tuple[int, int]:
-    """(bytes per full-cache cell, bytes per sliding-cache cell): the slope the context search uses."""
-    b = kv_cache_bytes(layers, KVCells(n_ctx=1, full=1, sliding=1, streams=1), type_k, type_v, flash_attn)
-    return b.full, b.sliding
+        n = (cells.sliding if layer.sliding else cells.full) * cells.streams if layer.owns_kv else 0
+        out.append(n * (row_bytes(type_k, layer.n_embd_kv) + row_bytes(type_v, v_row or layer.n_embd_kv)))
+    return out
 
 
 def output_buffer_bytes(n_vocab: int, n_outputs: int, n_embd_out: int = 0, n_batch: int = 0,
@@ -302,7 +279,7 @@ def host_compute_bytes(g: TextGraph, s: GraphShape) -> int:
 
 
 __all__ = [
-    "AttnLayer", "GiB", "GraphShape", "KVBytes", "KVCells", "MiB", "TextGraph", "compute_buffer_bytes",
-    "compute_phases", "ggml_type", "graph_shape", "host_compute_bytes", "kv_bytes_per_cell", "kv_cache_bytes",
-    "kv_cells", "kv_layer_bytes", "output_buffer_bytes", "pad", "row_bytes", "tensor_bytes",
+    "AttnLayer", "GiB", "GraphShape", "KVCells", "MiB", "TextGraph", "compute_buffer_bytes", "compute_phases",
+    "fmt_size", "ggml_type", "graph_shape", "host_compute_bytes", "kv_bytes", "kv_cells", "output_buffer_bytes", "pad",
+    "parse_size", "row_bytes", "tensor_bytes",
 ]

@@ -1,4 +1,6 @@
-"""transformers 5.23.0 as the reference implementation for the tiny checkpoints (tests import this).
+"""transformers 5.23.0 as the reference implementation for the tiny checkpoints (the tests and
+tools/train_tiny_pair.py import this; it needs the dev extra: torch, transformers, and a source checkout for
+patches/).
 
 Everything returns numpy (float32) so tests compare against llama.cpp without caring about torch.
 The fixes in patches/transformers/ are applied on import: without them a Gemma 4 drafter cannot even be

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GgufMtpError
-from .llama_ext import LLAMA_LOG, cpu_amx, llama, model_params
+from ..errors import GgufMtpError
+from ..llama_ext import LLAMA_LOG, cpu_amx, llama, model_params
 
 LOAD_MODE_NONE = 0
 CTX_TYPE_MTP_NAME = "LLAMA_CONTEXT_TYPE_MTP"
@@ -174,7 +174,7 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
     """
     import llama_cpp
 
-    from .runtime.bindings import BuftOverrides
+    from ..runtime.bindings import BuftOverrides
 
     llama()  # backend initialised once
     shape = shape or ContextShape()
@@ -313,8 +313,8 @@ def compare_with_llama(target: str | os.PathLike, drafter: str | os.PathLike | N
     """The planner's weights / KV / compute numbers next to llama.cpp's own no_alloc accounting, for one set of
     runtime settings. Everything is compared on the CPU (n_gpu_layers 0): a CPU-only build puts every buffer
     there, and the totals per component are what both sides must agree on."""
-    from . import plan as planner
-    from .settings import RuntimeSettings
+    from . import placement as planner
+    from ..settings import RuntimeSettings
 
     s = (settings or RuntimeSettings()).replace(n_gpu_layers=0, drafter_on_gpu=False, mmproj_on_gpu=False)
     files = planner.files_from_paths(target, drafter, mmproj)
