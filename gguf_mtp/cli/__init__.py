@@ -21,6 +21,7 @@ from .integration import modelfile_cmd, serve_cmd
 from .llama_runtime import runtime_group
 from .planning import plan_cmd, skeleton_cmd
 from .quantization import quantize_cmd, quantize_pair_cmd
+from .serving import serve_http_cmd
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,5 +31,6 @@ def main() -> None:
 
 
 for _command in (modelfile_cmd, serve_cmd, quantize_cmd, quantize_pair_cmd, inspect_cmd, check_cmd, generate_cmd,
-                 runtime_group, convert_cmd, plan_cmd, skeleton_cmd, chat_cmd, demo_cmd, bench_cmd):
+                 runtime_group, convert_cmd, plan_cmd, skeleton_cmd, chat_cmd, demo_cmd, bench_cmd,
+                 serve_http_cmd):
     main.add_command(_command)

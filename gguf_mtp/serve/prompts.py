@@ -1,0 +1,123 @@
+"""Requests into prompt tokens: chat messages through the GGUF's own template (thinking as in ``chat``), images
+from ``data:`` URLs through the projector, completion prompts as text or token ids.
+
+Runs on a worker thread, not the engine thread: tokenizing, rendering and decoding an image only read the model
+(llama-server does the same in its HTTP threads). The ``Prompt`` owns what it holds (libmtmd's chunks and
+bitmaps) until ``close``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import GgufMtpError
+from ..runtime.chat_template import prompt_text, prompt_tokens
+from .schema import ApiError, ChatRequest, CompletionRequest, Message, bad
+
+if TYPE_CHECKING:
+    from ..runtime.multimodal import Image, MediaPrompt, Projector
+
+DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.ASCII)
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    media: MediaPrompt | None = None
+    images: list[Image] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.media is not None:
+            self.media.close()
+        for im in self.images:
+            im.close()
+        self.images.clear()
+
+
+def image_bytes(url: str, param: str) -> bytes:
+    """The bytes of a base64 ``data:`` URL (the server fetches nothing from the network)."""
+    m = DATA_URL.match(url)
+    if m is None:
+        raise bad(param, "expected a data: URL (data:image/png;base64,...); this server fetches no URLs",
+                  code="invalid_image_url")
+    if ";base64" not in m["params"]:
+        raise bad(param, "expected a base64 data: URL (data:image/png;base64,...)", code="invalid_image_url")
+    try:
+        data = base64.b64decode(url[m.end():], validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(param, "the data: URL is not valid base64", code="invalid_image_url") from None
+    if not data:
+        raise bad(param, "the data: URL holds no data", code="invalid_image_url")
+    return data
+
+
+def _content(msg: Message, marker: str | None) -> str:
+    """A message's parts as one string: text as it is, an image as the projector's marker (llama-server's way)."""
+    out: list[str] = []
+    for p in msg.parts:
+        if p.text is not None:
+            if marker and marker in p.text:
+                raise bad(p.param, f"the text contains {marker!r}, which marks where images go", code="invalid_value")
+            out.append(("\n" if out and out[-1] != marker else "") + p.text)
+        else:
+            out.append(marker)
+    return "".join(out)
+
+
+def chat_prompt(engine: Any, projector: Projector | None, req: ChatRequest, think: bool) -> Prompt:
+    """Render the conversation with the target's template; images go through the projector."""
+    images = [p for m in req.messages for p in m.parts if p.image_url is not None]
+    if images and projector is None:
+        raise bad(images[0].param, "this server has no vision projector (start it with --mmproj)",
+                  code="images_not_supported")
+    marker = projector.marker if projector is not None else None
+    messages = [{"role": m.role, "content": _content(m, marker)} for m in req.messages]
+    variables = {"enable_thinking": think}
+    try:
+        if not images:
+            return Prompt(prompt_tokens(engine, messages, **variables))
+        prompt = Prompt([])
+        try:
+            for p in images:
+                prompt.images.append(_load_image(projector, p.image_url, p.param))
+            media = projector.tokenize(prompt_text(engine, messages, **variables), prompt.images)
+            prompt.tokens, prompt.media = media.tokens, media
+        except BaseException:
+            prompt.close()
+            raise
+        return prompt
+    except GgufMtpError as e:  # a template that refuses these messages (raise_exception) or cannot render
+        raise bad("messages", str(e), code="invalid_value") from None
+
+
+def _load_image(projector: Projector, url: str, param: str) -> Image:
+    try:
+        return projector.image_from_bytes(image_bytes(url, param), param)
+    except GgufMtpError as e:
+        raise bad(param, str(e).removeprefix(f"{param}: "), code="invalid_image") from None
+
+
+def completion_prompt(engine: Any, req: CompletionRequest) -> Prompt:
+    if isinstance(req.prompt, str):
+        return Prompt(engine.tokenize(req.prompt, add_special=True, parse_special=True))
+    bad_ids = [t for t in req.prompt if not 0 <= t < engine.n_vocab]
+    if bad_ids:
+        raise bad("prompt", f"token id {bad_ids[0]} is outside the vocabulary (0..{engine.n_vocab - 1})",
+                  code="invalid_value")
+    return Prompt(list(req.prompt))
+
+
+def check_fits(prompt: Prompt, n_ctx: int, max_tokens: int | None, param: str) -> int:
+    """The tokens the reply may have: ``max_tokens``, or the rest of the context; 400 when the prompt cannot fit."""
+    n = len(prompt.tokens)
+    if n == 0:
+        raise bad(param, "the prompt is empty: nothing to continue from", code="invalid_value")
+    if n >= n_ctx:
+        raise ApiError(400, f"the prompt has {n} tokens; the context holds {n_ctx} tokens per request, including "
+                            f"the reply (start the server with a larger --ctx)", param=param,
+                       code="context_length_exceeded")
+    return max_tokens if max_tokens is not None else n_ctx - n

@@ -1,0 +1,353 @@
+"""The OpenAI wire format: request bodies checked into small dataclasses, and the response objects built back.
+
+Checking is table-driven (``SAMPLING`` names each numeric field's type and range). Every problem raises
+``ApiError`` with OpenAI's error object (``{"error": {"message", "type", "param", "code"}}``), naming the field;
+``null`` counts as absent, unknown fields are ignored (as llama-server and vLLM do), and fields we cannot honour
+(``n`` > 1, penalties, logprobs, tools) are refused rather than silently dropped. Our extras: ``top_k``,
+``min_p``, ``draft`` (``{"max": K}`` / ``"adaptive"`` / ``"off"``) and
+``chat_template_kwargs: {"enable_thinking": bool}`` (llama-server's spelling).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runtime.sampling import SamplingParams
+from ..runtime.stats import Stats
+
+MAX_STOP = 4  # OpenAI's limit on stop strings
+DRAFT_WORDS = ("adaptive", "off")
+
+
+class ApiError(Exception):
+    """A refused request: HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str | None, message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def unsupported(param: str, what: str) -> ApiError:
+    return bad(param, f"{what} is not supported by this server", code="unsupported_parameter")
+
+
+# --- JSON values ------------------------------------------------------------------------------------------
+_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
+
+
+def expect(value: Any, kind: type, param: str) -> Any:
+    """``value`` when it is a JSON value of ``kind`` (a number for float, never a boolean for int), else 400."""
+    if not _is(value, kind):
+        got = "null" if value is None else _JSON_NAMES.get(type(value), type(value).__name__)
+        raise bad(param, f"expected {_JSON_NAMES[kind]}, got {got}", code="invalid_type")
+    return value
+
+
+@dataclass(frozen=True)
+class Number:
+    """A numeric request field: its JSON type and the range it must lie in."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def check(self, value: Any, param: str) -> Any:
+        expect(value, self.kind, param)
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity / 1e999
+            raise bad(param, f"expected a finite number, got {value}", code="invalid_value")
+        low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        if low or (self.hi is not None and value > self.hi):
+            left = "(" if self.lo_open else "["
+            raise bad(param, f"expected a value in {left}{_num(self.lo)}, {_num(self.hi)}], got {value}",
+                      code="invalid_value")
+        return value
+
+
+def _num(x: float | None) -> str:
+    return "inf" if x is None else f"{x:g}"
+
+
+SAMPLING = {  # request field -> its type and range (SamplingParams field of the same name, "temperature" too)
+    "temperature": Number(float, 0.0, 2.0),
+    "top_p": Number(float, 0.0, 1.0, lo_open=True),
+    "top_k": Number(int, 0),
+    "min_p": Number(float, 0.0, 1.0),
+}
+REFUSED_UNLESS_DEFAULT = {  # fields we cannot honour: accepted only at their default (clients often send those)
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "tools": ([],), "functions": ([],), "n": (1,), "best_of": (1,), "echo": (False,),
+    "suffix": ("",),
+}
+
+
+def _present(body: dict[str, Any], name: str) -> bool:
+    return body.get(name) is not None
+
+
+# --- the parts every generation request shares ------------------------------------------------------------
+@dataclass(frozen=True)
+class Draft:
+    """A request's draft control: ``mode`` "server" (the server's setting), "off", "adaptive" or "fixed" (``k``)."""
+
+    mode: str = "server"
+    k: int = 0
+
+
+@dataclass
+class Generation:
+    """What to generate, from the fields ``/v1/chat/completions`` and ``/v1/completions`` share."""
+
+    model: str
+    sampling: SamplingParams
+    max_tokens: int | None = None  # None: until the context ends
+    stop: tuple[str, ...] = ()
+    draft: Draft = Draft()
+    stream: bool = False
+    include_usage: bool = False
+
+
+def parse_generation(body: dict[str, Any], defaults: SamplingParams, max_tokens_limit: int) -> Generation:
+    model = body.get("model")
+    if model is None:
+        raise bad("model", "missing required parameter", code="missing_required_parameter")
+    expect(model, str, "model")
+    for name, allowed in REFUSED_UNLESS_DEFAULT.items():
+        if _present(body, name) and body[name] not in allowed:
+            raise unsupported(name, f"{name}={body[name]!r}")
+    if _present(body, "response_format"):
+        kind = expect(body["response_format"], dict, "response_format").get("type")
+        if kind != "text":
+            raise unsupported("response_format", f"response_format type {kind!r}")
+    values = {name: spec.check(body[name], name) for name, spec in SAMPLING.items() if _present(body, name)}
+    seed = body.get("seed")
+    if seed is not None:
+        values["seed"] = expect(seed, int, "seed") % (1 << 64)  # numpy seeds are unsigned
+    sampling = SamplingParams(**{**vars(defaults), **values})
+    return Generation(model, sampling, _max_tokens(body, max_tokens_limit), _stop(body.get("stop")),
+                      _draft(body.get("draft")), *_stream(body))
+
+
+def _max_tokens(body: dict[str, Any], limit: int) -> int | None:
+    name = "max_completion_tokens" if _present(body, "max_completion_tokens") else "max_tokens"
+    if not _present(body, name):
+        return None
+    return Number(int, 1, limit).check(body[name], name)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else expect(value, list, "stop")
+    if len(stops) > MAX_STOP:
+        raise bad("stop", f"at most {MAX_STOP} stop strings, got {len(stops)}", code="invalid_value")
+    for s in stops:
+        if not expect(s, str, "stop"):
+            raise bad("stop", "a stop string cannot be empty", code="invalid_value")
+    return tuple(stops)
+
+
+def _draft(value: Any) -> Draft:
+    if value is None:
+        return Draft()
+    if isinstance(value, str):
+        if value not in DRAFT_WORDS:
+            raise bad("draft", f'expected "adaptive", "off" or {{"max": K}}, got {value!r}', code="invalid_value")
+        return Draft(value)
+    k = expect(value, dict, "draft").get("max")
+    if set(value) != {"max"}:
+        raise bad("draft", f'expected {{"max": K}}, got keys {sorted(value)}', code="invalid_value")
+    return Draft("fixed", Number(int, 0).check(k, "draft.max"))
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = bool(_present(body, "stream") and expect(body["stream"], bool, "stream"))
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    expect(options, dict, "stream_options")
+    if not stream:
+        raise bad("stream_options", "only allowed when stream is true", code="invalid_value")
+    usage = options.get("include_usage")
+    return stream, bool(usage is not None and expect(usage, bool, "stream_options.include_usage"))
+
+
+# --- chat messages ----------------------------------------------------------------------------------------
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class Part:
+    """One piece of a message's content: text, or an image (its ``data:`` URL)."""
+
+    text: str | None = None
+    image_url: str | None = None
+    param: str = ""  # where it came from, for error messages
+
+
+@dataclass
+class Message:
+    role: str  # system | user | assistant
+    parts: list[Part]
+
+
+@dataclass
+class ChatRequest:
+    messages: list[Message]
+    generation: Generation
+    think: bool | None = None  # None: the server's --think
+
+
+def parse_chat(body: dict[str, Any], defaults: SamplingParams, max_tokens_limit: int) -> ChatRequest:
+    gen = parse_generation(body, defaults, max_tokens_limit)
+    raw = body.get("messages")
+    if raw is None:
+        raise bad("messages", "missing required parameter", code="missing_required_parameter")
+    if not expect(raw, list, "messages"):
+        raise bad("messages", "expected at least one message", code="invalid_value")
+    messages = [_message(m, f"messages[{i}]") for i, m in enumerate(raw)]
+    kwargs = body.get("chat_template_kwargs")
+    think = None
+    if kwargs is not None:
+        unknown = sorted(set(expect(kwargs, dict, "chat_template_kwargs")) - {"enable_thinking"})
+        if unknown:
+            raise unsupported("chat_template_kwargs", f"template variable(s) {', '.join(unknown)}")
+        if kwargs.get("enable_thinking") is not None:
+            think = expect(kwargs["enable_thinking"], bool, "chat_template_kwargs.enable_thinking")
+    return ChatRequest(messages, gen, think)
+
+
+def _message(m: Any, param: str) -> Message:
+    expect(m, dict, param)
+    role = expect(m.get("role"), str, f"{param}.role")
+    if role not in ROLES:
+        raise unsupported(f"{param}.role", f"role {role!r}")
+    content = m.get("content")
+    if content is None:
+        raise bad(f"{param}.content", "missing required parameter", code="missing_required_parameter")
+    if isinstance(content, str):
+        return Message(ROLES[role], [Part(text=content, param=f"{param}.content")])
+    parts = [_part(p, f"{param}.content[{j}]") for j, p in enumerate(expect(content, list, f"{param}.content"))]
+    images = [p for p in parts if p.image_url is not None]
+    if images and ROLES[role] != "user":
+        raise bad(images[0].param, "images are allowed in user messages only", code="invalid_value")
+    return Message(ROLES[role], parts)
+
+
+def _part(p: Any, param: str) -> Part:
+    kind = expect(expect(p, dict, param).get("type"), str, f"{param}.type")
+    if kind == "text":
+        return Part(text=expect(p.get("text"), str, f"{param}.text"), param=param)
+    if kind == "image_url":
+        image = p.get("image_url")
+        url = expect(image.get("url") if isinstance(image, dict) else image, str, f"{param}.image_url.url")
+        return Part(image_url=url, param=f"{param}.image_url.url")
+    raise unsupported(f"{param}.type", f"content part type {kind!r}")
+
+
+# --- completions ------------------------------------------------------------------------------------------
+@dataclass
+class CompletionRequest:
+    prompt: str | list[int]  # text, or token ids
+    generation: Generation
+
+
+def parse_completion(body: dict[str, Any], defaults: SamplingParams, max_tokens_limit: int) -> CompletionRequest:
+    gen = parse_generation(body, defaults, max_tokens_limit)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("prompt", "missing required parameter", code="missing_required_parameter")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # one prompt given as a batch of one
+    if isinstance(prompt, list):
+        if not prompt or not all(_is(t, int) for t in prompt):
+            raise bad("prompt", "expected a string, or one prompt of token ids (a batch of prompts is not "
+                                "supported)", code="invalid_value")
+        return CompletionRequest(prompt, gen)
+    return CompletionRequest(expect(prompt, str, "prompt"), gen)
+
+
+# --- responses --------------------------------------------------------------------------------------------
+@dataclass
+class Usage:
+    """Token counts of one request: OpenAI's usage object plus the MTP counts (extra fields), from its Stats."""
+
+    prompt_tokens: int = 0
+    stats: Stats = field(default_factory=Stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": s.tokens,
+                "total_tokens": self.prompt_tokens + s.tokens,
+                "prompt_tokens_details": {"cached_tokens": s.reused_tokens},
+                "mtp": {"proposed": s.proposed, "accepted": s.accepted, "acceptance_rate": round(s.acceptance_rate, 4),
+                        "proposed_by_position": list(s.proposed_by_position),
+                        "accepted_by_position": list(s.accepted_by_position)}}
+
+
+@dataclass
+class Envelope:
+    """What every response and chunk of one request carries: its id, object name, creation time and model."""
+
+    kind: str  # "chat" | "text"
+    model: str
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = self.created or int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def response(self, text: str, thoughts: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+        if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thoughts:
+                message["reasoning_content"] = thoughts
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": usage.to_dict()}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._head("text_completion"), "choices": [choice], "usage": usage.to_dict()}
+
+    def chunk(self, text: str = "", thought: bool = False, finish: str | None = None, role: bool = False,
+              draft: list[int | None] | None = None) -> dict[str, Any]:
+        """One streamed piece; ``draft`` (an extra field) says how each of its tokens was produced: the position
+        of the kept draft that gave it, or None for a token the target produced itself."""
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["reasoning_content" if thought else "content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            out = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            out = {**self._head("text_completion"),
+                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if draft is not None:
+            out["mtp"] = {"draft": draft}
+        return out
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage.to_dict()}
