@@ -74,9 +74,14 @@ def server_args(
         args += ["-ot", ",".join(f"{pat}={buffers[dev]}" for pat, dev in s.tensor_overrides)]
     if s.n_cpu_moe:
         args += ["--n-cpu-moe", str(s.n_cpu_moe)]
-    # one slot: llama-server's default of 4 slots with a unified cache makes the sliding-window cache four
-    # windows wide, which the plan did not count
-    args += ["-c", str(s.n_ctx), "-np", "1", "-b", str(s.n_batch), "-ub", str(s.n_ubatch)]
+    # the plan's slots, always given: llama-server's default (-np auto) is 4 slots in a unified cache, whose
+    # sliding-window cache is four windows wide. Several slots share the plan's pool as gguf-mtp's batched runtime
+    # does: one unified cache (-kvu; an explicit -np turns llama-server's own default off), each slot capped at
+    # its share (without the cap every slot may grow into the whole pool)
+    args += ["-c", str(s.n_ctx), "-np", str(s.n_parallel)]
+    if s.n_parallel > 1:
+        args += ["-kvu", "--kv-unified-per-slot", str(s.slot_ctx)]
+    args += ["-b", str(s.n_batch), "-ub", str(s.n_ubatch)]
     args += ["-ctk", s.cache_type_k, "-ctv", s.cache_type_v, "-fa", s.flash_attn]
     if s.swa_full:
         args.append("--swa-full")
@@ -110,8 +115,9 @@ class OllamaSetting:
 
 def ollama_parameters(settings: RuntimeSettings, drafter: bool, n_layers: int | None = None,
                       draft_default: int | None = None) -> dict[str, object]:
-    """The Modelfile PARAMETERs the settings map to (names Ollama accepts)."""
-    params: dict[str, object] = {"num_ctx": settings.n_ctx}
+    """The Modelfile PARAMETERs the settings map to (names Ollama accepts). Ollama's num_ctx is one request's
+    context (its server allocates num_ctx x OLLAMA_NUM_PARALLEL), so parallel settings give it one slot's."""
+    params: dict[str, object] = {"num_ctx": settings.n_ctx if settings.n_parallel == 1 else settings.slot_ctx}
     if settings.n_gpu_layers >= 0:
         params["num_gpu"] = settings.n_gpu_layers
     elif n_layers is not None:
@@ -150,6 +156,11 @@ def ollama_unexpressible(settings: RuntimeSettings) -> list[OllamaSetting]:
         out.append(OllamaSetting(f"KV cache type {kv} (server-wide, needs flash attention)",
                                  f"OLLAMA_KV_CACHE_TYPE={kv}",
                                  lost="the quantized KV cache: f16 KV needs more VRAM per context token"))
+    if settings.n_parallel > 1:
+        out.append(OllamaSetting(f"{settings.n_parallel} parallel sequences (server-wide)",
+                                 f"OLLAMA_NUM_PARALLEL={settings.n_parallel}",
+                                 lost=f"{settings.n_parallel} requests decoded together: Ollama uses its own "
+                                      "default number of parallel requests"))
     if settings.flash_attn != "auto":
         val = "1" if settings.flash_attn == "on" else "0"
         out.append(OllamaSetting(f"flash attention {settings.flash_attn} (server-wide)",

@@ -1,9 +1,14 @@
 """Runtime settings: the one description of how target + drafter + projector are placed and run.
 
 A plan file (``gguf-mtp plan --json``) is a JSON object whose ``runtime`` member is exactly
-``RuntimeSettings.to_dict()``; ``generate``/``chat --plan FILE`` read it back, and ``render.py`` turns it into
-llama-server flags and Ollama Modelfile lines. Defaults follow llama-server, not llama_context_default_params
+``RuntimeSettings.to_dict()``; ``generate``/``chat``/``serve --plan FILE`` read it back, and ``render.py`` turns it
+into llama-server flags and Ollama Modelfile lines. Defaults follow llama-server, not llama_context_default_params
 (e.g. ``swa_full`` is false: the sliding-window cache is sized to the window).
+
+``n_parallel`` sequences share one KV pool of ``n_ctx`` cells (a unified cache, as gguf-mtp's batched runtime and
+llama-server's ``-c C -np N -kvu`` make it); each may use ``slot_ctx`` = n_ctx // n_parallel positions. ``generate``
+and ``chat`` run one sequence: they ignore ``n_parallel`` and give that sequence the whole pool, which needs no more
+memory than the plan counted for N (the same full-attention cells, a narrower sliding window, smaller batches).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_
 FLASH_ATTN = ("auto", "on", "off")
 DEVICES = ("CPU", "GPU")
 MOE_EXPERT_PATTERN = r"blk\.{layer}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+N_CTX_PAD = 256  # llama_context rounds n_ctx up to a multiple of this many cells
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 @dataclass
@@ -37,6 +44,7 @@ class RuntimeSettings:
     n_ctx: int = 4096
     n_batch: int = 512
     n_ubatch: int = 512
+    n_parallel: int = 1  # sequences decoded together (serve slots, llama-server -np); n_ctx is their shared pool
     threads: int | None = None  # None: llama.cpp's default
     draft_max: int | None = None  # None: adaptive draft length; K: always draft K tokens
     draft_cap: int = 8  # upper bound on k for the adaptive chooser
@@ -60,6 +68,8 @@ class RuntimeSettings:
         for name in ("n_ctx", "n_batch", "n_ubatch", "draft_cap"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if not 1 <= self.n_parallel <= MAX_PARALLEL:
+            problems.append(f"n_parallel: expected 1..{MAX_PARALLEL}, got {self.n_parallel}")
         if self.n_cpu_moe < 0:
             problems.append(f"n_cpu_moe: expected >= 0, got {self.n_cpu_moe}")
         if self.draft_max is not None and self.draft_max < 0:
@@ -72,6 +82,12 @@ class RuntimeSettings:
     @property
     def adaptive(self) -> bool:
         return self.draft_max is None
+
+    @property
+    def slot_ctx(self) -> int:
+        """Positions each of the ``n_parallel`` sequences may use: llama.cpp's pool (n_ctx rounded up to whole
+        256-cell blocks) split evenly, as the batched runtime (``BatchEngine.slot_ctx``) splits it."""
+        return -(-self.n_ctx // N_CTX_PAD) * N_CTX_PAD // self.n_parallel
 
     def effective_overrides(self) -> list[tuple[str, str]]:
         """Explicit overrides first, then the expert patterns that ``n_cpu_moe`` stands for."""

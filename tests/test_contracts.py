@@ -25,10 +25,16 @@ def test_vocab_hash_is_bytes_plus_nul_in_order():
 # --- settings -------------------------------------------------------------------------------------
 def test_settings_round_trip_through_json():
     s = RuntimeSettings(n_gpu_layers=20, tensor_overrides=[("blk\\.3\\..*", "CPU")], cache_type_k="q8_0",
-                        cache_type_v="q8_0", n_ctx=8192, draft_max=3, threads=4)
+                        cache_type_v="q8_0", n_ctx=8192, draft_max=3, threads=4, n_parallel=4)
     again = RuntimeSettings.from_dict(json.loads(json.dumps(s.to_dict())))
     assert again == s
     assert not again.adaptive
+    assert RuntimeSettings.from_dict({}).n_parallel == 1  # plans written before the field: one sequence
+
+
+@pytest.mark.parametrize("n_ctx, n_parallel, slot", [(8192, 1, 8192), (65536, 4, 16384), (10000, 4, 2560), (1000, 1, 1024)])
+def test_slot_context_splits_llama_cpps_padded_pool(n_ctx, n_parallel, slot):
+    assert RuntimeSettings(n_ctx=n_ctx, n_parallel=n_parallel).slot_ctx == slot
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -39,6 +45,9 @@ def test_settings_round_trip_through_json():
     ({"tensor_overrides": [["x", "TPU"]]}, "tensor_overrides"),
     ({"n_ctx": "4096"}, "n_ctx"),
     ({"nctx": 4096}, "nctx"),
+    ({"n_parallel": 0}, "n_parallel"),
+    ({"n_parallel": 257}, "n_parallel"),
+    ({"n_parallel": True}, "n_parallel"),
 ])
 def test_settings_refuse_bad_values_naming_the_field(bad, field):
     with pytest.raises(GgufMtpError, match=field):
@@ -77,6 +86,10 @@ def test_ollama_parameters_and_unexpressible_settings():
     envs = [o.env for o in render.ollama_unexpressible(s) if o.env]
     assert envs == ["OLLAMA_KV_CACHE_TYPE=q8_0"]
     assert any("tensor overrides" in o.comment for o in render.ollama_unexpressible(s))
+    # Ollama's num_ctx is one request's context; its server multiplies it by OLLAMA_NUM_PARALLEL
+    par = RuntimeSettings(n_ctx=32768, n_parallel=4)
+    assert render.ollama_parameters(par, drafter=False)["num_ctx"] == 8192
+    assert [o.env for o in render.ollama_unexpressible(par)] == ["OLLAMA_NUM_PARALLEL=4"]
 
 
 # --- pairing --------------------------------------------------------------------------------------

@@ -361,6 +361,16 @@ def test_cli_writes_a_modelfile_from_a_plan(ollama_ggufs, tmp_path):
     assert again.exit_code == 2 and "--force" in again.stderr and "8192" in out.read_text()
 
 
+def test_cli_parallel_plan_gives_one_slots_context_and_the_server_variable(ollama_ggufs, tmp_path):
+    g = ollama_ggufs
+    plan = _plan(tmp_path, n_ctx=32768, n_parallel=4)
+    r = _run(["modelfile", "--target", str(g.target), "--drafter", str(g.drafter), "--plan", plan])
+    assert r.exit_code == 0, r.stderr
+    params = {c.name: c.args for c in ollama.check_text(r.stdout)}
+    assert params["num_ctx"] == "8192"  # Ollama allocates num_ctx x OLLAMA_NUM_PARALLEL: the plan's pool
+    assert "4 parallel sequences (server-wide): set OLLAMA_NUM_PARALLEL=4 on the Ollama server" in r.stderr
+
+
 def test_cli_flags_override_the_plan(ollama_ggufs, tmp_path):
     g = ollama_ggufs
     plan = _plan(tmp_path, n_ctx=8192, n_gpu_layers=4, draft_max=2)

@@ -42,6 +42,33 @@ def test_kv_cells_swa_full() -> None:
     assert memory.kv_cells(8192, 512, 1024, swa_full=True).sliding == 8192
 
 
+@pytest.mark.parametrize("n_ubatch, n_seq, tokens, outputs", [
+    (512, 1, 512, 512),
+    (9, 1, 9, 9),
+    (9, 4, 12, 9),  # llama.cpp's graph_reserve rounds the tokens up to a whole number per sequence
+    (8, 8, 8, 8),
+])
+def test_graph_shape_tokens_per_sequence(n_ubatch, n_seq, tokens, outputs) -> None:
+    cells = memory.kv_cells(16384, n_ubatch, 1024, n_seq, n_seq > 1)
+    g = memory.graph_shape(16384, n_ubatch, n_ubatch, 0, cells, True, n_seq)
+    assert (g.n_tokens, g.n_outputs) == (tokens, outputs)
+
+
+@pytest.mark.parametrize("n_parallel, draft_max, n_batch", [(1, None, 512), (4, 3, 512), (8, None, 32), (64, 8, 512)])
+def test_context_shapes_are_the_engines(n_parallel, draft_max, n_batch) -> None:
+    """The planner prices the contexts runtime/engine.py makes (``_context_params``, ``draft_rows_max``)."""
+    from gguf_mtp.runtime.engine import _context_params
+
+    s = RuntimeSettings(n_ctx=8192 * n_parallel, n_batch=n_batch, n_parallel=n_parallel, draft_max=draft_max)
+    k = placement.k_max(s)
+    shapes = placement.context_shapes(s, drafter=True)
+    cp = _context_params(s, k, n_parallel)
+    fields = ("n_ctx", "n_batch", "n_ubatch", "n_seq_max", "kv_unified")
+    assert {f: shapes["target"][f] for f in fields} == {f: getattr(cp, f) for f in fields}
+    assert shapes["drafter"]["n_batch"] == shapes["drafter"]["n_ubatch"] == max(1, k + 1, n_parallel)
+    assert shapes["drafter"]["n_seq_max"] == n_parallel and shapes["drafter"]["kv_unified"] == (n_parallel > 1)
+
+
 # a sliding layer (256 wide), a full one (512), a KV-shared one; 1024 sliding cells, 4096 full ones; f16 rows
 KV_LAYERS = [memory.AttnLayer(True, 256, 8, 1), memory.AttnLayer(False, 512, 8, 1),
              memory.AttnLayer(True, 256, 8, 1, owns_kv=False)]
@@ -74,20 +101,26 @@ def test_parse_size_rejects_garbage() -> None:
 # --- agreement with llama.cpp -------------------------------------------------------------------------
 
 MATRIX = [
-    # variant, target quant, drafter quant, KV type, flash attention, context
-    ("E2B", "Q4_K_M", "Q8_0", "f16", "auto", 8192),
-    ("31B", "Q4_K_M", "Q8_0", "q8_0", "on", 16384),
-    ("26B-A4B", "Q4_K_M", "Q8_0", "f16", "off", 4096),  # V padded to the widest layer, explicit scores
+    # variant, target quant, drafter quant, KV type, flash attention, context (the pool), parallel sequences
+    ("E2B", "Q4_K_M", "Q8_0", "f16", "auto", 8192, 1),
+    ("31B", "Q4_K_M", "Q8_0", "q8_0", "on", 16384, 1),
+    ("26B-A4B", "Q4_K_M", "Q8_0", "f16", "off", 4096, 1),  # V padded to the widest layer, explicit scores
+    # N sequences in one unified pool: the sliding cache N windows wide, N x (k + 1) verify rows, the drafter's
+    # 9 rows rounded up to 12 (whole rows per sequence)
+    ("E2B", "Q4_K_M", "Q8_0", "f16", "auto", 32768, 4),
+    ("31B", "Q4_K_M", "Q8_0", "q8_0", "on", 16384, 4),
+    ("26B-A4B", "Q4_K_M", "Q8_0", "f16", "off", 16384, 4),
 ]
 
 
-@pytest.mark.parametrize("variant, quant, dquant, kv, fa, n_ctx", MATRIX, ids=[m[0] for m in MATRIX])
-def test_planner_matches_llama_cpp(skeletons, variant, quant, dquant, kv, fa, n_ctx) -> None:
+@pytest.mark.parametrize("variant, quant, dquant, kv, fa, n_ctx, n_parallel", MATRIX,
+                         ids=[f"{m[0]}-np{m[6]}" for m in MATRIX])
+def test_planner_matches_llama_cpp(skeletons, variant, quant, dquant, kv, fa, n_ctx, n_parallel) -> None:
     from gguf_mtp.planning.probe import compare_with_llama
 
     target = skeletons.get(variant, "target", quant)
     drafter = skeletons.get(variant, "drafter", dquant)
-    s = RuntimeSettings(n_ctx=n_ctx, cache_type_k=kv, cache_type_v=kv, flash_attn=fa)
+    s = RuntimeSettings(n_ctx=n_ctx, cache_type_k=kv, cache_type_v=kv, flash_attn=fa, n_parallel=n_parallel)
     rows = {a.item: a for a in compare_with_llama(target, drafter, s)}
     for item in ("target weights", "drafter weights", "KV cache"):
         assert abs(rows[item].error) <= EXACT, rows[item]
@@ -196,6 +229,47 @@ def test_fixed_context_and_kv_type() -> None:
         search.plan(search.Request(files, 8 * GiB, GiB, n_ctx=10**6))
 
 
+def test_parallel_sequences_share_the_largest_pool_that_fits() -> None:
+    """--parallel 4: the context is a pool of 4 equal slots, the KV cache's sliding part 4 windows wide, and the
+    pool the largest whole number of 256-cell blocks per slot that fits."""
+    files = search.files_from_variant("26B-A4B", "Q4_K_M", "Q8_0")
+    req = search.Request(files, 24 * GiB, GiB, base=RuntimeSettings(n_parallel=4))
+    p = search.plan(req)
+    s = p.settings
+    assert p.fits and s.n_parallel == 4 and s.n_ctx % (4 * 256) == 0 and s.slot_ctx * 4 == s.n_ctx
+    assert search.MIN_CTX <= s.slot_ctx <= files.target.n_ctx_train and p.gpu_used <= p.budget
+    assert p.breakdown.cells.sliding == memory.pad(min(s.n_ctx, files.target.n_swa * 4 + 512), 256)
+    assert not search._fits(files, s.replace(n_ctx=s.n_ctx + 4 * 256), req)[0]  # one more block per slot: no
+    doc = p.to_dict()
+    assert doc["slot_ctx"] == s.slot_ctx and doc["runtime"]["n_parallel"] == 4
+    assert doc["contexts"]["target"]["n_seq_max"] == doc["contexts"]["drafter"]["n_seq_max"] == 4
+    assert f"-c {s.n_ctx} -np 4 -kvu --kv-unified-per-slot {s.slot_ctx} " in doc["llama_server"]
+    assert doc["ollama"]["parameters"]["num_ctx"] == s.slot_ctx
+    one = search.plan(search.Request(files, 24 * GiB, GiB))
+    assert one.settings.n_parallel == 1 and one.to_dict()["slot_ctx"] == one.settings.n_ctx
+
+
+def test_one_sequence_needs_no_more_than_a_parallel_plan() -> None:
+    """generate/chat run one sequence with a parallel plan's settings (the whole pool for it): the same full cells,
+    a narrower sliding window, smaller batches -- never more memory on any device than the plan counted."""
+    files = search.files_from_variant("E2B", "Q4_K_M", "Q8_0", vision=True)
+    for n in (2, 4, 16):
+        s = RuntimeSettings(n_ctx=32768 * n, n_parallel=n)
+        many, one = placement.breakdown(files, s), placement.breakdown(files, s.replace(n_parallel=1))
+        for (dev, comp), size in one.items.items():
+            assert size <= many.items[(dev, comp)], (n, dev, comp)
+
+
+def test_generate_runs_a_parallel_plan_as_one_sequence(runtime_ggufs, tmp_path) -> None:
+    target, drafter = runtime_ggufs["tiny-dense"]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"runtime": {"n_ctx": 2048, "n_parallel": 4, "flash_attn": "off", "threads": 1}}))
+    r = CliRunner().invoke(main, ["generate", "--target", str(target), "--drafter", str(drafter), "--plan", str(plan),
+                                  "-p", "the cat", "-n", "8", "--draft-max", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["stats"]["tokens"] > 0
+
+
 def test_too_small_a_budget_says_by_how_much() -> None:
     files = search.files_from_variant("31B", "Q4_K_M", "Q8_0")
     p = search.plan(search.Request(files, 2 * GiB, GiB, ram=4 * GiB))
@@ -217,6 +291,19 @@ def test_plan_cli_json_roundtrip(tmp_path) -> None:
     assert doc["devices"]["GPU"]["total"] <= doc["devices"]["GPU"]["budget"]
 
 
+def test_plan_cli_parallel() -> None:
+    r = CliRunner().invoke(main, ["plan", "--variant", "26B-A4B", "--quant", "Q4_K_M", "--parallel", "4", "--vram",
+                                  "24GiB", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["fits"] and doc["slot_ctx"] * 4 == doc["runtime"]["n_ctx"] and doc["runtime"]["n_parallel"] == 4
+    assert doc["devices"]["GPU"]["total"] <= doc["devices"]["GPU"]["budget"]
+    r = CliRunner().invoke(main, ["plan", "--variant", "26B-A4B", "--quant", "Q4_K_M", "-np", "4"])
+    assert r.exit_code == 0, r.output
+    assert f"tokens shared by 4 sequences ({doc['slot_ctx']} each)" in r.output
+    assert "# 4 parallel sequences (server-wide)" in r.output  # what a Modelfile cannot say
+
+
 def test_plan_cli_table(skeletons) -> None:
     r = CliRunner().invoke(main, ["plan", "--target", str(skeletons.get("E2B", "target", "Q4_K_M")),
                                   "--drafter", str(skeletons.get("E2B", "drafter", "Q8_0")), "--vram", "6GiB"])
@@ -230,6 +317,8 @@ def test_plan_cli_table(skeletons) -> None:
     (["--variant", "31B", "--vram", "2GiB"], 2, "does not fit"),
     (["--variant", "31B", "--vram", "1GiB"], 2, "must be larger than --margin"),
     (["--variant", "E2B", "--ctx", "1000000"], 2, "exceeds"),
+    (["--variant", "E2B", "--parallel", "4", "--ctx", "600000"], 2, "(150000 for each of 4 sequences) exceeds"),
+    (["--variant", "E2B", "--parallel", "0"], 2, "--parallel"),
     ([], 2, "either --target"),
 ])
 def test_plan_cli_bad_input(args, code, text) -> None:

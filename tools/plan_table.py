@@ -20,8 +20,10 @@ sys.path.insert(0, str(REPO))
 
 from gguf_mtp.planning import memory, placement, search  # noqa: E402
 from gguf_mtp.registry import load_registry  # noqa: E402
+from gguf_mtp.settings import RuntimeSettings  # noqa: E402
 
 QUANT, DRAFTER_QUANT = "Q4_K_M", "Q8_0"
+PARALLEL = 4  # the parallel-sequences table: `gguf-mtp serve --parallel 4`
 
 
 def gib(n: int) -> str:
@@ -40,14 +42,15 @@ def gpu_placement(p: search.Plan) -> str:
     return ", ".join(parts)
 
 
-def rows(vram: str, margin: str) -> list[dict]:
+def rows(vram: str, margin: str, n_parallel: int = 1) -> list[dict]:
     out = []
     for v in load_registry():
-        for vision in (True, False):
+        for vision in (True, False) if n_parallel == 1 else (False,):
             if vision and v.vision is None:
                 continue
             files = search.files_from_variant(v.name, QUANT, DRAFTER_QUANT, vision=vision)
-            p = search.plan(search.Request(files, memory.parse_size(vram), memory.parse_size(margin)))
+            p = search.plan(search.Request(files, memory.parse_size(vram), memory.parse_size(margin),
+                                           base=RuntimeSettings(n_parallel=n_parallel)))
             b = p.breakdown
             weights = sum(n for (d, c), n in b.items.items()
                           if d == placement.GPU and not c.startswith("KV") and ("layers" in c or "head" in c or "weights" in c))
@@ -55,7 +58,7 @@ def rows(vram: str, margin: str) -> list[dict]:
             out.append({
                 "variant": v.name, "vision": vision, "fits": p.fits,
                 "placement": gpu_placement(p) if p.fits else search.shortfall_message(p),
-                "kv_type": p.settings.cache_type_k, "n_ctx": p.settings.n_ctx,
+                "kv_type": p.settings.cache_type_k, "n_ctx": p.settings.n_ctx, "slot_ctx": p.settings.slot_ctx,
                 "gpu_weights": weights, "gpu_kv": kv, "gpu_total": p.gpu_used, "host": p.host_used,
                 "server": p.to_dict()["llama_server"],
             })
@@ -69,7 +72,7 @@ def summarize(rows: list[dict]) -> dict[str, list[float]]:
     return out
 
 
-def markdown(table: list[dict], vram: str, margin: str, matrix: dict | None) -> str:
+def markdown(table: list[dict], parallel: list[dict], vram: str, margin: str, matrix: dict | None) -> str:
     lines = [
         "# Fitting Gemma 4 + MTP drafter + vision projector into a VRAM budget",
         "",
@@ -93,6 +96,23 @@ def markdown(table: list[dict], vram: str, margin: str, matrix: dict | None) -> 
         lines += [f"- {r['variant']}{' + projector' if r['vision'] else ''}: `{r['server']}`"]
     lines += [
         "",
+        f"## {PARALLEL} parallel sequences",
+        "",
+        f"`gguf-mtp plan ... --parallel {PARALLEL}` plans for `gguf-mtp serve --parallel {PARALLEL}` (and llama-server "
+        f"`-np {PARALLEL} -kvu`): the {PARALLEL} sequences share one KV pool (a unified cache), each may use the pool / "
+        f"{PARALLEL}; the sliding-window cache is {PARALLEL} windows wide, the target's batch takes a verify batch of "
+        f"every sequence and the drafter's a row per sequence. The search maximizes the pool in whole 256-cell blocks "
+        f"per sequence, each at most the model's context length. Same files and budget as above, without the projector "
+        f"(tests/test_plan.py checks these shapes against llama.cpp's own accounting with n_seq_max {PARALLEL}).",
+        "",
+        "| variant | GPU placement | KV cache | pool | per sequence | GPU KV | GPU total |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in parallel:
+        lines.append(f"| {r['variant']} | {r['placement']} | {r['kv_type']} | {r['n_ctx']:,} | {r['slot_ctx']:,} | "
+                     f"{gib(r['gpu_kv'])} | {gib(r['gpu_total'])} |")
+    lines += [
+        "",
         "## What the planner counts",
         "",
         "- **Weights**, tensor by tensor, where llama.cpp's loader puts them: `token_embd` and `per_layer_token_embd` "
@@ -105,8 +125,9 @@ def markdown(table: list[dict], vram: str, margin: str, matrix: dict | None) -> 
         "`breakdown(..., cpu_amx=True)` and the llama.cpp cross-check (`probe.compare_with_llama`, on such a CPU) "
         "count.",
         "- **KV cache** per owning layer: sliding layers sized to `pad(window + ubatch, 256)` cells (llama-server's "
-        "default `--swa-full` off), KV-shared layers (E2B/E4B) nothing, V padded to the widest layer when flash "
-        "attention is off, q8_0/q4_0 rows in whole blocks. The drafter's context owns no KV: it views the target's.",
+        "default `--swa-full` off; `pad(N x window + ubatch, 256)` for N sequences in one unified pool), KV-shared "
+        "layers (E2B/E4B) nothing, V padded to the widest layer when flash attention is off, q8_0/q4_0 rows in whole "
+        "blocks. The drafter's context owns no KV: it views the target's.",
         "- **Compute buffers** of the target context, the drafter's MTP context and the projector, from the graphs' "
         "largest live tensors (logits `n_vocab x outputs`, attention scores without flash attention, FFN rows, the "
         "masks); with layers on the CPU, llama.cpp also copies the largest CPU weight to the GPU for batched matmuls.",
@@ -117,10 +138,13 @@ def markdown(table: list[dict], vram: str, margin: str, matrix: dict | None) -> 
         "registry variant's files, from the exporter's tables; types from `gguf_mtp/quantmix.py`), `placement` "
         "(`breakdown`), `search` (`plan`), `skeleton` and `probe` (llama.cpp's own accounting, for the tests).",
         "",
-        "Shapes are gguf-mtp's engine's (one sequence; the target's `n_outputs_max` = its `n_batch`; the drafter's "
-        "context decodes one draft row at a time). llama-server differs in two ways: it defaults to 4 slots with a "
-        "unified cache (four sliding windows: pass `-np 1` for the plan's cache) and sizes the drafter's context "
-        "like the target's.",
+        "Shapes are gguf-mtp's engine's (`--parallel` sequences, one by default, in one unified pool when there "
+        "are several; the target's `n_batch` at least one verify batch of every sequence and its `n_outputs_max` = "
+        "its `n_batch`; the drafter's context decodes the draft rows of one sequence or one row per sequence, "
+        "rounded up to whole rows per sequence as llama.cpp reserves them). llama-server differs in two ways: "
+        "without `-np` it runs 4 slots with a unified cache (four sliding windows: the plan's command line always "
+        "passes `-np`, and `-kvu --kv-unified-per-slot` with several) and it sizes the drafter's context like the "
+        "target's.",
     ]
     if matrix:
         lines += ["", "## Agreement with llama.cpp (bench/plan_matrix.py)", "",
@@ -141,9 +165,9 @@ def main() -> int:
     ap.add_argument("-o", "--output", default=str(REPO / "docs" / "plan.md"))
     ap.add_argument("--matrix", help="JSON written by bench/plan_matrix.py --json, for the agreement table.")
     args = ap.parse_args()
-    table = rows(args.vram, args.margin)
+    table, parallel = rows(args.vram, args.margin), rows(args.vram, args.margin, PARALLEL)
     matrix = json.loads(Path(args.matrix).read_text()) if args.matrix else None
-    text = markdown(table, args.vram, args.margin, matrix)
+    text = markdown(table, parallel, args.vram, args.margin, matrix)
     Path(args.output).write_text(text)
     print(text)
     return 0

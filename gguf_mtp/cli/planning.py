@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..errors import GgufMtpError
+from ..settings import MAX_PARALLEL
 from .common import emit, human_size, print_json, print_table
 
 
@@ -24,8 +25,12 @@ from .common import emit, human_size, print_json, print_table
 @click.option("--vram", default="24GiB", show_default=True, help="GPU memory budget (24GiB, 24GB, 16000MiB).")
 @click.option("--margin", default="1GiB", show_default=True, help="Kept free on the GPU (CUDA context, fragmentation).")
 @click.option("--ram", help="Host RAM budget for what stays on the CPU (default: not checked).")
-@click.option("--ctx", type=click.IntRange(min=256), help="Fixed context length (default: the largest that fits).")
+@click.option("--ctx", type=click.IntRange(min=256),
+              help="Fixed context length (default: the largest that fits); with --parallel, the pool all share.")
 @click.option("--max-ctx", is_flag=True, help="The largest context that fits (the default without --ctx).")
+@click.option("--parallel", "-np", "parallel", type=click.IntRange(1, MAX_PARALLEL), default=1, show_default=True,
+              help="Sequences decoded together (gguf-mtp serve slots, llama-server -np): they share one KV pool, "
+                   "each gets the context / N.")
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), help="KV cache type (default: chosen).")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--image-tokens", type=click.IntRange(min=1), default=1120, show_default=True,
@@ -34,19 +39,24 @@ from .common import emit, human_size, print_json, print_table
 @click.option("--force", is_flag=True, help="Overwrite --output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter, vision, vram, margin, ram, ctx,
-             max_ctx, kv_type, flash_attn, image_tokens, output, force, as_json) -> None:
+             max_ctx, parallel, kv_type, flash_attn, image_tokens, output, force, as_json) -> None:
     """Fit a Gemma 4 target + MTP drafter + vision projector into a VRAM budget.
 
     Chooses n_gpu_layers, which tensors go to the CPU (MoE experts first), projector and drafter placement,
     the KV cache type and the largest context that fits -- or says what does not fit and by how much. The
-    JSON plan's `runtime` member is what `generate` / `chat --plan` read.
+    JSON plan's `runtime` member is what `generate` / `chat` / `serve --plan` read. With --parallel N the
+    context is a pool shared by N sequences (the KV cache, batches and compute buffers sized for N at once),
+    and each sequence gets the pool / N (`slot_ctx` in the JSON); `generate` and `chat` run one sequence and
+    give it the whole pool.
 
     \b
     gguf-mtp plan --variant 31B --quant Q4_K_M --drafter-quant Q8_0 --vision --vram 24GiB
     gguf-mtp plan --target t.gguf --drafter d.gguf --mmproj m.gguf --ctx 32768 -o plan.json
+    gguf-mtp plan --variant 26B-A4B --quant Q4_K_M --parallel 4 --vram 24GiB -o serve-plan.json
     """
     from .. import fsutil
     from ..planning import search as planner
+    from ..settings import RuntimeSettings
 
     if bool(target) == bool(variant):
         raise GgufMtpError("give either --target FILE (with --drafter/--mmproj) or --variant NAME")
@@ -64,7 +74,7 @@ def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter,
         files = planner.files_from_paths(target, drafter, mmproj)
     req = planner.Request(files, planner.parse_size(vram), planner.parse_size(margin),
                           planner.parse_size(ram) if ram else None, n_ctx=ctx, max_ctx=max_ctx, kv_type=kv_type,
-                          flash_attn=flash_attn, image_tokens=image_tokens)
+                          flash_attn=flash_attn, image_tokens=image_tokens, base=RuntimeSettings(n_parallel=parallel))
     if req.vram <= req.margin:
         raise GgufMtpError(f"--vram ({vram}) must be larger than --margin ({margin})")
     p = planner.plan(req)
@@ -85,7 +95,8 @@ def _print_plan(doc: dict, s: Any, files: Any, rows: list[list[Any]], output: st
              + (" + projector" if files.mmproj else ""))
     print_table(title, ["device", "component", "size"], rows)
     placement = "all layers" if s.n_gpu_layers < 0 else f"{s.n_gpu_layers} of {files.target.n_layer + 1} layers"
-    click.echo(f"context {s.n_ctx} tokens, KV cache {s.cache_type_k}, flash attention {s.flash_attn}; GPU: "
+    slots = f" shared by {s.n_parallel} sequences ({s.slot_ctx} each)" if s.n_parallel > 1 else ""
+    click.echo(f"context {s.n_ctx} tokens{slots}, KV cache {s.cache_type_k}, flash attention {s.flash_attn}; GPU: "
                f"{placement}" + (f", MoE experts of {s.n_cpu_moe} layers on the CPU" if s.n_cpu_moe else "")
                + ("" if s.mmproj_on_gpu or not files.mmproj else ", projector on the CPU")
                + ("" if s.drafter_on_gpu or not files.drafter else ", drafter on the CPU"))

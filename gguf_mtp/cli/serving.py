@@ -10,6 +10,8 @@ import click
 from ..errors import GgufMtpError
 from .common import decode_options, draft_settings, err_console, log_to_stderr, runtime_options, runtime_settings
 
+DEFAULT_PARALLEL = 4  # slots without a plan (llama-server also defaults to 4)
+
 
 def _say(line: str) -> None:
     """One unwrapped line on stderr (scripts read the address from it)."""
@@ -20,8 +22,9 @@ def _say(line: str) -> None:
 @click.option("--target", required=True, type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
 @click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
 @click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip), for images.")
-@click.option("--parallel", "-np", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Sequences decoded together (slots); each gets --ctx / N positions.")
+@click.option("--parallel", "-np", type=click.IntRange(1, 256),
+              help=f"Sequences decoded together (slots); each gets --ctx / N positions. Default: the plan's "
+                   f"(plan --parallel N), else {DEFAULT_PARALLEL}.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free).")
 @click.option("--api-key", envvar="GGUF_MTP_API_KEY", help="Require 'Authorization: Bearer KEY' "
@@ -58,6 +61,9 @@ def serve_http_cmd(target, drafter, mmproj, parallel, host, port, api_key, model
 
     draft = draft_settings(draft_max, adaptive, draft_cap)
     settings = runtime_settings(**runtime, draft=draft)
+    # the plan sized the KV pool and batches for its n_parallel: take it unless told otherwise
+    parallel = parallel or (settings.n_parallel if runtime.get("plan_file") else DEFAULT_PARALLEL)
+    settings = settings.replace(n_parallel=parallel)
     for what, path in (("target", target), ("drafter", drafter), ("projector", mmproj)):
         if path is not None and not Path(path).is_file():
             raise GgufMtpError(f"{what} {path} does not exist")

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import GgufMtpError
+from ..settings import N_CTX_PAD
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
-KV_CELL_PAD = 256  # llama_context pads n_ctx (and the SWA cache) to 256 cells
+KV_CELL_PAD = N_CTX_PAD  # llama_context pads n_ctx (and the SWA cache) to 256 cells
 TENSOR_ALIGN = 32  # GGUF data alignment; CPU buffers align each tensor to 32 bytes (CUDA: 128)
 GPU_TENSOR_ALIGN = 128
 _SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -202,14 +203,14 @@ class GraphShape:
 
 
 def graph_shape(n_ctx: int, n_batch: int, n_ubatch: int, n_outputs_max: int, cells: KVCells,
-                flash_attn: bool) -> GraphShape:
+                flash_attn: bool, n_seq: int = 1) -> GraphShape:
     """llama_context::sched_reserve: n_batch capped by n_ctx, ubatch by n_batch, outputs by n_outputs_max
-    (0 = n_batch)."""
+    (0 = n_batch); graph_reserve then rounds the tokens up to a whole number per sequence (n_seq_max)."""
     n_batch = min(n_ctx, n_batch)
     n_ubatch = min(n_batch, n_ubatch)
     n_tokens = min(cells.n_ctx, n_ubatch)
     outputs = n_outputs_max or n_batch
-    return GraphShape(n_tokens, min(n_tokens, outputs), cells.full * cells.streams,
+    return GraphShape(pad(n_tokens, n_seq), min(n_tokens, outputs), cells.full * cells.streams,
                       cells.sliding * cells.streams, flash_attn)
 
 

@@ -299,14 +299,20 @@ def k_max(s: RuntimeSettings) -> int:
 
 
 def context_shapes(s: RuntimeSettings, drafter: bool) -> dict[str, dict[str, int]]:
-    """llama_context_params as gguf-mtp's engine sets them (runtime/engine.py): the target's n_batch is at least
-    one verify batch, outputs default to n_batch; the drafter's context decodes one draft row at a time."""
-    k = k_max(s) if drafter else 0
-    n_batch = max(s.n_batch, k + 1)
-    shapes = {"target": {"n_ctx": s.n_ctx, "n_batch": n_batch, "n_ubatch": min(s.n_ubatch, n_batch),
-                         "n_outputs_max": 0, "n_seq_max": 1}}
+    """llama_context_params as gguf-mtp's engine sets them (runtime/engine.py ``_context_params``): both contexts
+    hold ``n_parallel`` sequences, in one unified KV pool when there are several; the target's n_batch takes one
+    verify batch of every sequence (n_parallel x (k + 1) rows), outputs default to n_batch; the drafter's context
+    decodes the k + 1 draft rows of one sequence or one row per sequence, whichever is more."""
+    k, n = k_max(s), s.n_parallel
+
+    def shape(n_batch: int, n_ubatch: int) -> dict[str, int]:
+        return {"n_ctx": s.n_ctx, "n_batch": n_batch, "n_ubatch": n_ubatch, "n_outputs_max": 0, "n_seq_max": n,
+                "kv_unified": n > 1}
+
+    n_batch = max(s.n_batch, n * (k + 1))
+    shapes = {"target": shape(n_batch, min(s.n_ubatch, n_batch))}
     if drafter:
-        shapes["drafter"] = {"n_ctx": s.n_ctx, "n_batch": k + 1, "n_ubatch": k + 1, "n_outputs_max": 0, "n_seq_max": 1}
+        shapes["drafter"] = shape(max(k + 1, n), max(k + 1, n))
     return shapes
 
 
@@ -322,7 +328,7 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
     b.contexts = shapes
     ts = shapes["target"]
     ub_eff = min(ts["n_ubatch"], ts["n_batch"], s.n_ctx)
-    cells = memory.kv_cells(s.n_ctx, ub_eff, t.n_swa, 1, False, s.swa_full)
+    cells = memory.kv_cells(s.n_ctx, ub_eff, t.n_swa, ts["n_seq_max"], ts["kv_unified"], s.swa_full)
     b.cells = cells
 
     # weights
@@ -344,7 +350,7 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
 
     # compute buffers
     tg = t.graph()
-    shape = memory.graph_shape(s.n_ctx, ts["n_batch"], ts["n_ubatch"], ts["n_outputs_max"], cells, fa)
+    shape = memory.graph_shape(s.n_ctx, ts["n_batch"], ts["n_ubatch"], ts["n_outputs_max"], cells, fa, ts["n_seq_max"])
     graph_bytes = memory.compute_buffer_bytes(tg, shape, quantized_kv=_quantized(s))
     any_gpu = GPU in layers or layer_devices(t.n_layer, s.n_gpu_layers)[1] == GPU
     all_gpu = all(dev == GPU for dev in layers) and not any(dev == CPU for (dev, c) in tp.bytes if "offloaded" in c)
@@ -362,7 +368,7 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
         dsh = shapes["drafter"]
         dg = TextGraph(d.n_embd, d.n_vocab, d.attn_layers(), tuple(d._per_layer(Keys.LLM.FEED_FORWARD_LENGTH)), 0, None,
                        t.n_embd)
-        dshape = memory.graph_shape(s.n_ctx, dsh["n_batch"], dsh["n_ubatch"], dsh["n_outputs_max"], cells, fa)
+        dshape = memory.graph_shape(s.n_ctx, dsh["n_batch"], dsh["n_ubatch"], dsh["n_outputs_max"], cells, fa, dsh["n_seq_max"])
         dbytes = memory.compute_buffer_bytes(dg, dshape, quantized_kv=_quantized(s))
         b.add(GPU if s.drafter_on_gpu else CPU, "drafter compute buffer", dbytes)
         b.add(CPU, "drafter output buffer (host)", memory.output_buffer_bytes(d.n_vocab, dshape.n_outputs, t.n_embd))

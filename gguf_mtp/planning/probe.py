@@ -311,8 +311,9 @@ class Agreement:
 def compare_with_llama(target: str | os.PathLike, drafter: str | os.PathLike | None = None,
                        settings=None, mmproj: str | os.PathLike | None = None, image_tokens: int = 256) -> list[Agreement]:
     """The planner's weights / KV / compute numbers next to llama.cpp's own no_alloc accounting, for one set of
-    runtime settings. Everything is compared on the CPU (n_gpu_layers 0): a CPU-only build puts every buffer
-    there, and the totals per component are what both sides must agree on."""
+    runtime settings (``n_parallel`` sequences: both contexts shaped as the engine makes them). Everything is
+    compared on the CPU (n_gpu_layers 0): a CPU-only build puts every buffer there, and the totals per component
+    are what both sides must agree on."""
     from . import placement as planner
     from ..settings import RuntimeSettings
 
@@ -323,9 +324,9 @@ def compare_with_llama(target: str | os.PathLike, drafter: str | os.PathLike | N
 
     def shape(role: str) -> ContextShape:
         c = shapes[role]
-        return ContextShape(n_ctx=c["n_ctx"], n_batch=c["n_batch"], n_ubatch=c["n_ubatch"],
+        return ContextShape(n_ctx=c["n_ctx"], n_batch=c["n_batch"], n_ubatch=c["n_ubatch"], n_seq_max=c["n_seq_max"],
                             n_outputs_max=c["n_outputs_max"], type_k=s.cache_type_k, type_v=s.cache_type_v,
-                            flash_attn=s.flash_attn, swa_full=s.swa_full)
+                            flash_attn=s.flash_attn, swa_full=s.swa_full, kv_unified=c["kv_unified"])
 
     m = measure(target, shape("target"), drafter, shape("drafter") if drafter else None, n_gpu_layers=0,
                 repack=s.repack)

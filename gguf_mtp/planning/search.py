@@ -2,7 +2,9 @@
 
 ``plan()`` walks placements from everything on the GPU towards ever more offloading (MoE experts, the projector,
 whole layers), and for each the KV type and the largest context that fit (``placement.breakdown`` prices each
-try), or says what does not fit and by how much. The result's ``runtime`` member is exactly
+try), or says what does not fit and by how much. With ``n_parallel`` sequences (``base``) the context is their
+shared pool: it grows in whole 256-cell blocks per sequence, so each gets ``slot_ctx`` = n_ctx / n_parallel
+positions, at most the model's context length. The result's ``runtime`` member is exactly
 ``RuntimeSettings.to_dict()``. File sets come from GGUFs (``placement.files_from_paths``) or from a registry variant
 before download (``files_from_variant``: layouts from the exporter's tables, ``layout.py``).
 """
@@ -36,7 +38,7 @@ class Request:
     vram: int = DEFAULT_VRAM
     margin: int = DEFAULT_MARGIN
     ram: int | None = None  # host RAM budget (None: not checked)
-    n_ctx: int | None = None  # fixed context; None: the largest that fits (up to the model's)
+    n_ctx: int | None = None  # fixed context (the pool of all base.n_parallel sequences); None: the largest that fits
     max_ctx: bool = False
     kv_type: str | None = None
     flash_attn: str = "auto"
@@ -86,6 +88,7 @@ class Plan:
             "quants": {"target": f.target.quant, "drafter": f.drafter.quant if f.drafter else None},
             "budget": {"vram": self.request.vram, "margin": self.request.margin, "ram": self.request.ram},
             "runtime": self.settings.to_dict(),
+            "slot_ctx": self.settings.slot_ctx,
             "contexts": self.breakdown.contexts,
             "kv_cells": {"full": self.breakdown.cells.full, "sliding": self.breakdown.cells.sliding}
             if self.breakdown.cells else None,
@@ -115,8 +118,8 @@ def _fits(files: Files, s: RuntimeSettings, req: Request) -> tuple[bool, Breakdo
 
 
 def _largest_ctx(files: Files, s: RuntimeSettings, req: Request, lo: int, hi: int) -> int | None:
-    """The largest multiple of 256 in [lo, hi] that fits (memory grows with the context), or None."""
-    step = memory.KV_CELL_PAD
+    """The largest multiple of 256 x n_parallel in [lo, hi] that fits (memory grows with the context), or None."""
+    step = memory.KV_CELL_PAD * s.n_parallel
     lo, hi = memory.pad(lo, step), hi // step * step
     if hi < lo or not _fits(files, s.replace(n_ctx=lo), req)[0]:
         return None
@@ -151,11 +154,14 @@ def plan(req: Request) -> Plan:
     """Placement, KV type and context for the request; ``fits`` False with the shortfall when nothing fits."""
     files = req.files
     _check_files(files)
+    n_seq = req.base.n_parallel
     n_train = files.target.n_ctx_train or 131072
     want_max = req.n_ctx is None or req.max_ctx
-    if req.n_ctx is not None and req.n_ctx > n_train:
-        raise GgufMtpError(f"--ctx {req.n_ctx} exceeds the model's context length ({n_train})")
-    floor = req.n_ctx if req.n_ctx is not None and not req.max_ctx else min(MIN_CTX, n_train)
+    each = -(-req.n_ctx // n_seq) if req.n_ctx is not None else 0  # a fixed pool's share per sequence
+    if each > n_train:
+        per_seq = f" ({each} for each of {n_seq} sequences)" if n_seq > 1 else ""
+        raise GgufMtpError(f"--ctx {req.n_ctx}{per_seq} exceeds the model's context length ({n_train})")
+    floor = req.n_ctx if req.n_ctx is not None and not req.max_ctx else min(MIN_CTX, n_train) * n_seq
     kv_types = [req.kv_type] if req.kv_type else list(KV_CHOICES[:2])
     base = req.base.replace(flash_attn=req.flash_attn)
     if not req.kv_type:
@@ -169,7 +175,7 @@ def plan(req: Request) -> Plan:
         for rank, (s, step) in enumerate(_placements(files, s0)):
             if best is not None and rank > best.rank:
                 break  # more offloading than a plan we already have
-            hi = n_train if want_max else req.n_ctx
+            hi = n_train * n_seq if want_max else req.n_ctx
             ctx = _largest_ctx(files, s, req, floor, hi) if want_max else (
                 req.n_ctx if _fits(files, s.replace(n_ctx=req.n_ctx), req)[0] else None)
             if ctx is None:
@@ -226,12 +232,16 @@ def shortfall_message(p: Plan) -> str:
         biggest = max(((c, n) for (d, c), n in b.items.items() if d == GPU), key=lambda x: x[1], default=None)
         parts.append(f"the GPU needs {fmt_size(b.on(GPU))} for a {fmt_size(p.budget)} budget "
                      f"(VRAM {fmt_size(p.request.vram)} - margin {fmt_size(p.request.margin)}): "
-                     f"{fmt_size(gpu_over)} short at {s.n_ctx} tokens of context"
+                     f"{fmt_size(gpu_over)} short at {s.n_ctx} tokens of context{_slots(s)}"
                      + (f"; largest item: {biggest[0]} {fmt_size(biggest[1])}" if biggest else ""))
     if p.request.ram is not None and b.on(CPU) > p.request.ram:
         parts.append(f"host RAM needs {fmt_size(b.on(CPU))} of {fmt_size(p.request.ram)} "
                      f"({fmt_size(b.on(CPU) - p.request.ram)} short)")
     return "does not fit: " + "; ".join(parts)
+
+
+def _slots(s: RuntimeSettings) -> str:
+    return f" ({s.n_parallel} sequences of {s.slot_ctx})" if s.n_parallel > 1 else ""
 
 
 # --- building the file set ------------------------------------------------------------------------------
@@ -264,10 +274,10 @@ def files_from_variant(variant: str, quant: str | None = None, drafter_quant: st
 
 def plan_for_files(target: str | Path, drafter: str | Path | None = None, mmproj: str | Path | None = None, *,
                    vram: str | int = DEFAULT_VRAM, margin: str | int = DEFAULT_MARGIN, n_ctx: int | None = None,
-                   kv_type: str | None = None) -> Plan:
+                   kv_type: str | None = None, n_parallel: int = 1) -> Plan:
     """One call for other commands (serve-cmd / modelfile --vram): plan these files for this budget."""
     return plan(Request(files_from_paths(target, drafter, mmproj), parse_size(vram), parse_size(margin),
-                        n_ctx=n_ctx, kv_type=kv_type))
+                        n_ctx=n_ctx, kv_type=kv_type, base=RuntimeSettings(n_parallel=n_parallel)))
 
 
 def table_rows(p: Plan) -> list[list[str]]:
