@@ -4,7 +4,7 @@ speculative loop), one worker thread each, and a bounded wait queue.
 
 The server tests use it where timing must be under the test's control: ``delay`` slows every round, so a queue
 can be filled, a stream interrupted mid-way, or a shutdown caught with work in flight (``ignore_eog``: requests
-run to their max_tokens). It also takes a ``media`` prompt (images), which the batched scheduler does not yet.
+run to their max_tokens).
 """
 
 from __future__ import annotations
@@ -25,17 +25,10 @@ from gguf_mtp.runtime.scheduler import Failed, Finished, PromptTooLong, QueueFul
 from gguf_mtp.runtime.stats import Stats
 
 
-@dataclass(frozen=True)
-class MediaRequest(Request):
-    """The batched scheduler's Request plus what it does not take yet: a prompt with images."""
-
-    media: Any = None
-
-
 @dataclass(eq=False)
 class Handle:
     id: int
-    request: MediaRequest
+    request: Request
     sink: Any
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
@@ -70,7 +63,7 @@ class FakeScheduler:
             t.start()
 
     # --- the interface ----------------------------------------------------------------------------------------
-    def submit(self, request: MediaRequest, sink: Any = None) -> Handle:
+    def submit(self, request: Request, sink: Any = None) -> Handle:
         if len(request.prompt) >= self.engine.slot_ctx:
             raise PromptTooLong(len(request.prompt), self.engine.slot_ctx, self.engine.slot_ctx, 1)
         with self._lock:

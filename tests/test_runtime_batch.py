@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from fixtures.runtime import TEST_SETTINGS, assert_greedy_equivalent
+from fixtures.runtime import TEST_SETTINGS, assert_greedy_equivalent, drain, finished
 
 from gguf_mtp.bench import heldout_prompts
 from gguf_mtp.errors import GgufMtpError
@@ -53,31 +53,6 @@ def prompts(single) -> list[list[int]]:
 def reference(single, prompts) -> list[list[int]]:
     """Each prompt's single-sequence target-alone greedy output."""
     return [generate(single, p, n, chooser=FixedK(0), ignore_eog=True).tokens for p, n in zip(prompts, LENGTHS)]
-
-
-def drain(sched: Scheduler) -> None:
-    while sched.step():
-        pass
-
-
-def events(h) -> list:
-    out = []
-    while not h.events.empty():
-        out.append(h.get())
-    return out
-
-
-def finished(h) -> Finished:
-    evs = events(h)
-    fin = evs[-1]
-    assert isinstance(fin, Finished), fin
-    rounds = evs[:-1]
-    assert all(isinstance(r, Round) for r in rounds) and (not rounds or rounds[0].first)
-    assert [t for r in rounds for t in r.tokens] == fin.tokens  # the rounds carry exactly the final tokens
-    s = fin.stats
-    assert s.tokens == s.accepted + s.bonus == len(fin.tokens)
-    assert sum(r.kept for r in rounds) >= s.accepted
-    return fin
 
 
 # --- greedy output == single-sequence target alone --------------------------------------------------------

@@ -2,10 +2,10 @@
 where the client cannot send what is tested), on 127.0.0.1 with ephemeral ports, in-process.
 
 Servers (module-scoped): ``served`` runs the batched scheduler (runtime/scheduler.py: 4 slots, an API key) and
-answers the protocol, bad-input and load tests; two run the stand-in scheduler of tests/serve_fake.py where the
-batched one cannot serve yet or timing must be the test's: ``vision`` (images: the batched scheduler takes no
-media prompt yet) and ``slow`` (1 slot, 1 queue place, 50 ms a round, through end-of-generation: a queue fills,
-a stream is cut, a shutdown starts with work in flight). The command itself runs in a subprocess for SIGTERM.
+answers the protocol, bad-input and load tests; ``vision`` the batched scheduler with the tiny-e projector
+(images); ``slow`` the stand-in scheduler of tests/serve_fake.py where timing must be the test's (1 slot, 1 queue
+place, 50 ms a round, through end-of-generation: a queue fills, a stream is cut, a shutdown starts with work in
+flight). The command itself runs in a subprocess for SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 from fixtures.runtime import TEST_SETTINGS
-from serve_fake import FakeBatchEngine, FakeScheduler, MediaRequest
+from serve_fake import FakeBatchEngine, FakeScheduler
 
 from gguf_mtp.cli import main
 from gguf_mtp.runtime.chat import STOP_TEXTS, ThoughtSplitter, special_id
@@ -64,9 +64,9 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(scheduler: Any, projector: Any = None, request_type: Any = MediaRequest, **config: Any) -> Iterator[Served]:
+def serving(scheduler: Any, projector: Any = None, **config: Any) -> Iterator[Served]:
     """An in-process server on 127.0.0.1 and an ephemeral port, stopped (and its scheduler with it) at the end."""
-    app = create_app(EngineThread(scheduler, projector, request_type), ServeConfig(model=MODEL, **config))
+    app = create_app(EngineThread(scheduler, projector), ServeConfig(model=MODEL, **config))
     state = app.state.serve
     server = make_server(app, state)
     sock = bind("127.0.0.1", 0)
@@ -95,35 +95,38 @@ def load_engines(runtime_ggufs, n: int) -> list:
 def served(runtime_ggufs) -> Iterator[Served]:
     """The batched scheduler: 4 slots of 512 positions (one KV pool of 2048), an API key, a 1 MiB body limit."""
     from gguf_mtp.runtime.batch_engine import BatchEngine
-    from gguf_mtp.runtime.scheduler import Request, Scheduler
+    from gguf_mtp.runtime.scheduler import Scheduler
 
     target, drafter = runtime_ggufs[FAMILY]
     with BatchEngine.load(target, drafter, TEST_SETTINGS.replace(n_ctx=4 * SLOT_CTX), n_seq=4) as engine:
-        with serving(Scheduler(engine).start(), request_type=Request, api_key=KEY, max_body=MAX_BODY) as s:
+        with serving(Scheduler(engine).start(), api_key=KEY, max_body=MAX_BODY) as s:
             yield s
 
 
 @pytest.fixture(scope="module")
 def fake_engines(runtime_ggufs):
-    engines = load_engines(runtime_ggufs, 2)  # one for `vision`, one for `slow`
+    engines = load_engines(runtime_ggufs, 1)  # for `slow`
     yield engines
     for e in engines:
         e.close()
 
 
 @pytest.fixture(scope="module")
-def vision(fake_engines, projectors) -> Iterator[Served]:
-    """Images: the stand-in scheduler (which takes a media prompt) and the tiny-e projector."""
-    from gguf_mtp.runtime.multimodal import Projector
+def vision(runtime_ggufs, projectors) -> Iterator[Served]:
+    """Images: the batched scheduler, 2 slots, with the tiny-e projector."""
+    from gguf_mtp.runtime.batch_engine import BatchEngine
+    from gguf_mtp.runtime.scheduler import Scheduler
 
-    with Projector.load(projectors.get(), fake_engines[0]) as proj:
-        with serving(FakeScheduler(FakeBatchEngine(fake_engines[:1])), proj, api_key=KEY) as s:
+    target, drafter = runtime_ggufs[FAMILY]
+    with BatchEngine.load(target, drafter, TEST_SETTINGS.replace(n_ctx=2 * SLOT_CTX), n_seq=2,
+                          mmproj=projectors.get()) as engine:
+        with serving(Scheduler(engine).start(), engine.projector, api_key=KEY) as s:
             yield s
 
 
 @pytest.fixture(scope="module")
 def slow(fake_engines) -> Iterator[Served]:
-    with serving(FakeScheduler(FakeBatchEngine(fake_engines[1:]), max_queue=1, delay=0.05, ignore_eog=True),
+    with serving(FakeScheduler(FakeBatchEngine(fake_engines), max_queue=1, delay=0.05, ignore_eog=True),
                  api_key=KEY) as s:
         yield s
 
@@ -317,7 +320,7 @@ BAD_INPUT = [  # id, method, path, body (JSON or raw bytes), status, code, param
     ("five-stops", "POST", CHAT, chat_body(stop=list("abcde")), 400, "invalid_value", "stop"),
     ("draft-word", "POST", CHAT, chat_body(draft="sometimes"), 400, "invalid_value", "draft"),
     ("draft-negative", "POST", CHAT, chat_body(draft={"max": -1}), 400, "invalid_value", "draft.max"),
-    ("image-on-the-batched-runtime", "POST", CHAT, chat_body(messages=image_message("data:image/png;base64,AAAA")),
+    ("image-without-a-projector", "POST", CHAT, chat_body(messages=image_message("data:image/png;base64,AAAA")),
      400, "images_not_supported", "messages[0].content[1].image_url.url"),
     ("image-from-assistant", "POST", CHAT, chat_body(messages=[{"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), 400, "invalid_value",
@@ -334,7 +337,7 @@ BAD_INPUT = [  # id, method, path, body (JSON or raw bytes), status, code, param
 
 
 IMAGE_URL = "messages[0].content[1].image_url.url"
-BAD_IMAGES = [  # id, data URL, code (against the stand-in scheduler, which takes images)
+BAD_IMAGES = [  # id, data URL, code (on the `vision` server)
     ("http-url", "http://example.com/cat.png", "invalid_image_url"),
     ("not-base64", "data:image/png,rawbytes", "invalid_image_url"),
     ("broken-base64", "data:image/png;base64,@@@", "invalid_image_url"),

@@ -77,18 +77,13 @@ def serve_http_cmd(target, drafter, mmproj, parallel, host, port, api_key, model
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
         from ..runtime.batch_engine import BatchEngine
-        from ..runtime.multimodal import Projector
         from ..runtime.scheduler import Scheduler
 
         stack.enter_context(log_to_stderr(verbose))
         engine = stack.enter_context(BatchEngine.load(target, drafter, settings, n_seq=parallel,
-                                                      allow_no_drafter=allow_no_drafter))
+                                                      allow_no_drafter=allow_no_drafter, mmproj=mmproj))
         scheduler = Scheduler(engine, max_queue=max_queue)
-        engine_thread = EngineThread(scheduler)
-        if mmproj is not None and engine_thread.supports_media:
-            engine_thread.projector = stack.enter_context(Projector.load(mmproj, engine.engine))
-        elif mmproj is not None:
-            _say("warning: --mmproj ignored: the batched runtime does not take images yet")
+        engine_thread = EngineThread(scheduler, engine.projector)
         stack.enter_context(scheduler)  # started here; stopped (again: a no-op) before the engine is freed
         app = create_app(engine_thread, config)
 

@@ -5,7 +5,9 @@ edits of every sequence: ``tokens[s]`` is what sequence s holds (position i = ``
 drops positions of one sequence only (``llama_memory_seq_rm`` on that sequence), ``reuse_prefix`` keeps a
 sequence's longest prefix shared with a new prompt. ``decode`` appends rows of several sequences in ONE target
 ``llama_decode`` (a verify round: every sequence's [y, d1..dk]; or prompt chunks); ``draft`` runs one drafter
-step for several sequences in ONE drafter ``llama_decode``.
+step for several sequences in ONE drafter ``llama_decode``. With a vision projector (``load(mmproj=)`` or
+``load_projector``), ``decode_image`` decodes one image of a ``MediaPrompt`` into one sequence (libmtmd's own
+decode, alone in its batch); its positions hold the image's identity id, so prefix reuse keeps images like text.
 
 Facts from llama.cpp this relies on (vendor/llama.cpp/src, llama-context.cpp, llama-kv-cache*.cpp,
 llama-batch.cpp):
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +33,9 @@ from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
 from .bindings import Batch, llama
 from .engine import Engine, reusable_prefix
+
+if TYPE_CHECKING:
+    from .multimodal import ImageSpan, MediaPrompt, Projector
 
 # what a BatchEngine answers from its Engine: the tokenizer, model facts and loading outcome (all read-only, so
 # callable from any thread; decoding goes through BatchEngine only)
@@ -58,6 +64,8 @@ class BatchEngine:
         self.engine = engine
         self.n_seq = engine.n_seq
         self.slot_ctx = engine.n_ctx // self.n_seq
+        self.n_ubatch = int(llama.llama_n_ubatch(engine.ctx))
+        self.projector: Projector | None = None  # the vision projector (load_projector), closed with the engine
         self.tokens: list[list[int]] = [[] for _ in range(self.n_seq)]
         self._batch = Batch(engine.n_batch)
         self._out_row = np.zeros(engine.n_batch, dtype=np.int64)  # batch row -> its row among the outputs
@@ -65,10 +73,29 @@ class BatchEngine:
 
     @classmethod
     def load(cls, target: str | Path, drafter: str | Path | None = None, settings: RuntimeSettings | None = None,
-             *, n_seq: int, k_max: int | None = None, allow_no_drafter: bool = False) -> BatchEngine:
-        """``Engine.load`` with contexts for ``n_seq`` sequences; ``settings.n_ctx`` is the whole KV pool."""
-        return cls(Engine.load(target, drafter, settings, k_max=k_max, allow_no_drafter=allow_no_drafter,
-                               n_seq=n_seq))
+             *, n_seq: int, k_max: int | None = None, allow_no_drafter: bool = False,
+             mmproj: str | Path | None = None) -> BatchEngine:
+        """``Engine.load`` with contexts for ``n_seq`` sequences; ``settings.n_ctx`` is the whole KV pool.
+        ``mmproj``: a vision projector for the target (``load_projector``)."""
+        eng = cls(Engine.load(target, drafter, settings, k_max=k_max, allow_no_drafter=allow_no_drafter,
+                              n_seq=n_seq))
+        if mmproj is not None:
+            try:
+                eng.load_projector(mmproj)
+            except BaseException:
+                eng.close()
+                raise
+        return eng
+
+    def load_projector(self, path: str | Path) -> Projector:
+        """Load the vision projector (multimodal.Projector, checked against the target) that builds this engine's
+        ``MediaPrompt``s; it is closed with the engine."""
+        from .multimodal import Projector
+
+        if self.projector is not None:
+            raise GgufMtpError(f"a projector is already loaded ({self.projector.path})")
+        self.projector = Projector.load(path, self.engine)
+        return self.projector
 
     def __getattr__(self, name: str):
         if name in FROM_ENGINE:
@@ -76,6 +103,8 @@ class BatchEngine:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def close(self) -> None:
+        if self.projector is not None:
+            self.projector.close()
         self.engine.close()
 
     def __enter__(self) -> BatchEngine:
@@ -97,14 +126,17 @@ class BatchEngine:
         llama.llama_memory_seq_rm(self.engine.mem, seq, n, -1)
         del self.tokens[seq][n:]
 
-    def shared_prefix(self, seq: int, prompt: Sequence[int]) -> int:
-        """How much of ``prompt`` sequence ``seq`` could reuse (choosing a slot; changes nothing)."""
+    def shared_prefix(self, seq: int, prompt: Sequence[int], media: MediaPrompt | None = None) -> int:
+        """How much of ``prompt`` sequence ``seq`` could reuse (choosing a slot; changes nothing); with ``media``,
+        never part of an image (``MediaPrompt.resumable``)."""
         keep = reusable_prefix(self.tokens[seq], prompt)
+        if media is not None:
+            keep = media.resumable(keep)
         return keep if self.engine.seq_can_rewind_to(seq, keep, self.n_past(seq)) else 0
 
-    def reuse_prefix(self, seq: int, prompt: Sequence[int]) -> int:
+    def reuse_prefix(self, seq: int, prompt: Sequence[int], media: MediaPrompt | None = None) -> int:
         """Keep sequence ``seq``'s cached prefix shared with ``prompt`` (Engine.reuse_prefix); returns it."""
-        keep = self.shared_prefix(seq, prompt)
+        keep = self.shared_prefix(seq, prompt, media)
         self.truncate(seq, keep)
         return keep
 
@@ -141,6 +173,23 @@ class BatchEngine:
         self._n_out = int(out.sum())
         for p in parts:
             self.tokens[p.seq].extend(int(t) for t in p.tokens)
+
+    def decode_image(self, seq: int, media: MediaPrompt, span: ImageSpan) -> None:
+        """Encode the image ``span`` of ``media`` and decode it into sequence ``seq`` at its next positions, in
+        libmtmd's own llama_decode (this sequence alone: non-causal attention over the image where the projector
+        asks). The positions record the image's identity id. On failure the sequence keeps what it held."""
+        n_past = self.n_past(seq)
+        if n_past + span.n_tokens > self.slot_ctx:
+            raise GgufMtpError(f"sequence {seq}: an image of {span.n_tokens} tokens at position {n_past} exceeds its "
+                               f"context of {self.slot_ctx}")
+        self._n_out = 0  # the logits buffer is libmtmd's batch's now: no row of the last ``decode`` is left
+        self._out_row.fill(-1)
+        try:
+            media.eval_image(span, self.engine.ctx, n_past, seq, self.engine.n_batch)
+        except GgufMtpError:
+            self._forget_from(seq, n_past)
+            raise
+        self.tokens[seq].extend([media.tokens[span.start]] * span.n_tokens)
 
     def logits(self, row: int, n: int = 1) -> np.ndarray:
         """Logits of batch rows row..row+n-1 of the last ``decode`` (all outputs), shape (n, n_vocab); a view

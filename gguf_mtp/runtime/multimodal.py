@@ -217,27 +217,51 @@ class MediaPrompt:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def image_at(self, pos: int) -> ImageSpan | None:
+        """The first image not wholly before position ``pos`` (the next one to decode from there), or None."""
+        return next((s for s in self.spans if s.start + s.n_tokens > pos), None)
+
+    def resumable(self, keep: int) -> int:
+        """``keep`` (a reusable cached prefix), moved back to an image's start when it ends inside the image: an
+        image is decoded whole or not at all."""
+        s = self.image_at(keep)
+        return s.start if s is not None and s.start < keep else keep
+
+    def problems(self, n_ubatch: int) -> list[str]:
+        """Why this prompt cannot be decoded, as "media: ..." lines (empty when it can)."""
+        if self._chunks is None or self.projector is None:
+            return ["media: expected an open MediaPrompt from Projector.tokenize, got a closed one"]
+        out = []
+        if not self.tokens or (self.spans and self.spans[-1].start + self.spans[-1].n_tokens == len(self.tokens)):
+            out.append("media: a prompt cannot end with an image: nothing to continue from")
+        out += [f"media: {p}" for s in self.spans if (p := self._batch_problem(s, n_ubatch))]
+        return out
+
+    def _batch_problem(self, s: ImageSpan, n_ubatch: int) -> str | None:
+        if _mtmd().mtmd_decode_use_non_causal(self.projector.ctx, s.chunk) and s.n_tokens > n_ubatch:
+            return (f"an image of {s.n_tokens} tokens must be decoded in one batch: raise --ubatch-size and "
+                    f"--batch-size to at least {s.n_tokens} (now {n_ubatch})")
+        return None
+
     def reuse_prefix(self, engine: Engine) -> int:
         """``engine.reuse_prefix``, moved back to an image's start when the common prefix ends inside it."""
         keep = engine.reuse_prefix(self.tokens)
-        for s in self.spans:
-            if s.start < keep < s.start + s.n_tokens:
-                keep = s.start if engine.can_rewind_to(s.start) else 0
-                engine.truncate(keep)
-                break
+        back = self.resumable(keep)
+        if back != keep:
+            keep = back if engine.can_rewind_to(back) else 0
+            engine.truncate(keep)
         return keep
 
     def decode(self, engine: Engine, start: int) -> int:
         """Decode positions ``start..`` (text runs and whole images); returns the rows of the last text decode."""
         if engine.n_past != start:
             raise ValueError(f"the cache holds {engine.n_past} positions, decoding from {start}")
-        if not self.tokens or (self.spans and self.spans[-1].start + self.spans[-1].n_tokens == len(self.tokens)):
-            raise GgufMtpError("a prompt cannot end with an image: nothing to continue from")
+        problems = self.problems(int(llama.llama_n_ubatch(engine.ctx)))
+        if problems:
+            raise GgufMtpError("; ".join(p.removeprefix("media: ") for p in problems))
         self.encoded = 0
         pos = start
-        for s in self.spans:
-            if s.start + s.n_tokens <= pos:
-                continue
+        while (s := self.image_at(pos)) is not None:
             if s.start > pos:
                 engine.decode(self.tokens[pos:s.start], outputs="none")
             self._decode_image(engine, s)
@@ -245,27 +269,32 @@ class MediaPrompt:
         return engine.decode(self.tokens[pos:], outputs="last")
 
     def _decode_image(self, engine: Engine, s: ImageSpan) -> None:
-        mt = _mtmd()
-        ctx = self.projector.ctx
         if engine.n_past + s.n_tokens > engine.n_ctx:
             raise GgufMtpError(f"context full: an image of {s.n_tokens} tokens at position {engine.n_past} does not "
                                f"fit n_ctx {engine.n_ctx}")
-        n_ubatch = int(llama.llama_n_ubatch(engine.ctx))
-        if mt.mtmd_decode_use_non_causal(ctx, s.chunk) and s.n_tokens > n_ubatch:
-            raise GgufMtpError(f"an image of {s.n_tokens} tokens must be decoded in one batch: raise --ubatch-size "
-                               f"and --batch-size to at least {s.n_tokens} (now {n_ubatch})")
+        try:
+            self.eval_image(s, engine.ctx, engine.n_past, 0, engine.n_batch)
+        except GgufMtpError:
+            engine.drop_unrecorded()
+            raise
+        engine.record_decoded(self.tokens[s.start], s.n_tokens)
+
+    def eval_image(self, s: ImageSpan, lctx: int, n_past: int, seq: int, n_batch: int) -> None:
+        """Encode image ``s`` and decode its embeddings into sequence ``seq`` of target context ``lctx`` at
+        positions n_past.. (libmtmd's helper: its own llama_decode, non-causal over the image where the projector
+        asks; ``problems`` says whether it fits one ubatch). The caller owns the KV bookkeeping: on failure it
+        drops the cells the decode may have left, on success it records the positions (Engine / BatchEngine)."""
+        mt = _mtmd()
+        ctx = self.projector.ctx
         with LLAMA_LOG.capture() as lines:
             if mt.mtmd_encode_chunk(ctx, s.chunk) != 0:
                 raise GgufMtpError(f"the projector could not encode {s.image.source if s.image else 'an image'}"
                                    f" ({error_lines(lines) or 'no reason logged'})")
             new_past = llama.llama_pos(0)
-            rc = mt.mtmd_helper_decode_image_chunk(ctx, engine.ctx, s.chunk, mt.mtmd_get_output_embd(ctx),
-                                                   engine.n_past, 0, engine.n_batch, ctypes.byref(new_past),
+            rc = mt.mtmd_helper_decode_image_chunk(ctx, lctx, s.chunk, mt.mtmd_get_output_embd(ctx), n_past, seq,
+                                                   n_batch, ctypes.byref(new_past),
                                                    mt.mtmd_helper_post_decode_callback(), None)
         if rc != 0:
-            engine.drop_unrecorded()
-            raise GgufMtpError(f"target decode of an image failed (code {rc}) at position {engine.n_past}"
+            raise GgufMtpError(f"target decode of an image failed (code {rc}) at position {n_past}"
                                f" ({error_lines(lines) or 'no reason logged'})")
-        engine.record_decoded(self.tokens[s.start], s.n_tokens)
         self.encoded += s.n_tokens
-

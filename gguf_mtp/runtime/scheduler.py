@@ -2,11 +2,14 @@
 
 Interface (what a server codes against)::
 
-    engine = BatchEngine.load(target, drafter, settings, n_seq=4)   # settings.n_ctx: the KV pool of all slots
+    engine = BatchEngine.load(target, drafter, settings, n_seq=4,   # settings.n_ctx: the KV pool of all slots
+                              mmproj=None)             # or a vision projector: engine.projector
     sched = Scheduler(engine, max_queue=64, prefill_chunk=256).start()   # starts the engine thread
     h = sched.submit(Request(prompt_tokens, max_tokens, SamplingParams(...), accept="exact",
                              draft="adaptive",         # or "off", or a fixed k
-                             stop_tokens=frozenset(), ignore_eog=False), sink=None)
+                             stop_tokens=frozenset(), ignore_eog=False,
+                             media=None), sink=None)   # images: media = engine.projector.tokenize(text, images),
+                                                       # prompt_tokens = media.tokens
     for event in h:      # blocks; Round per round, then one final Finished or Failed
         ...
     h.cancel()           # any thread, any time; the request ends with Finished("cancelled")
@@ -23,14 +26,21 @@ Interface (what a server codes against)::
   asyncio: ``loop.call_soon_threadsafe``) instead of ``handle.events``.
 - The tokenizer (``engine.tokenize`` ...) is safe from any thread; llama.cpp's contexts are touched only by the
   engine thread (or by the caller of ``step``, which runs one iteration instead of ``start``: tests).
+- Images: a ``Request`` with ``media`` (a ``multimodal.MediaPrompt`` from a projector loaded on this engine's
+  target, ``prompt`` = ``media.tokens``) has each image encoded and decoded into its own sequence (libmtmd's
+  decode, whole, between the text chunks), and MTP drafts after it as after text (the drafter reads the last
+  prompt row). Image positions hold the image's identity id, so a slot that holds an image is reused like text.
+  The caller keeps the MediaPrompt (and its images) open until the final event; ``media.encoded`` then says how
+  many image positions were encoded (0 when the slot's cache held them).
 
 Each iteration (``step``): cancellations are settled; waiting requests take free slots (the slot whose cache
 shares the longest prefix with the prompt: a conversation's next turn reads only its new part); prompts are
 read in chunks of ``prefill_chunk`` tokens while others generate, so a long prompt delays their rounds by one
-chunk at a time; then one round for every generating sequence: each drafter step for all of them in one drafter
-decode, every sequence's [y, d1..dk] verified in one target decode, acceptance and KV rollback per sequence, with
-the single-sequence loop's pieces (sampling.accept_drafts / pick, drafters.draft_token, loop.emit). Draft
-lengths: per request "off", a fixed k, or "adaptive" (adaptive.BatchAdaptiveK on the batch's measured costs).
+chunk at a time (an image, decoded whole, counts its positions against the chunk); then one round for every
+generating sequence: each drafter step for all of them in one drafter decode, every sequence's [y, d1..dk]
+verified in one target decode, acceptance and KV rollback per sequence, with the single-sequence loop's pieces
+(sampling.accept_drafts / pick, drafters.draft_token, loop.emit). Draft lengths: per request "off", a fixed k,
+or "adaptive" (adaptive.BatchAdaptiveK on the batch's measured costs).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -55,6 +66,9 @@ from .drafters import Draft, draft_token
 from .loop import ACCEPT_MODES, Round, StopRule, emit
 from .sampling import SamplingParams, accept_drafts, pick
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .multimodal import ImageSpan, MediaPrompt
 
 log = logging.getLogger("gguf_mtp.runtime")
 
@@ -71,13 +85,19 @@ class Request:
     draft: str | int = "adaptive"  # off | adaptive | a fixed k (capped by the engine's k_max)
     stop_tokens: frozenset[int] = frozenset()
     ignore_eog: bool = False
+    media: MediaPrompt | None = None  # a prompt with images (engine.projector.tokenize); prompt = media.tokens
 
-    def problems(self, n_vocab: int) -> list[str]:
-        """What is wrong with this request, as "field: expected X, got Y" lines."""
+    def problems(self, engine: BatchEngine) -> list[str]:
+        """What is wrong with this request for ``engine``, as "field: expected X, got Y" lines."""
         out = []
         if not len(self.prompt):
             out.append("prompt: expected at least one token, got none")
-        bad = [t for t in self.prompt if not (isinstance(t, int | np.integer) and 0 <= t < n_vocab)]
+        images = set()  # the identity ids a media prompt holds at its image positions
+        if self.media is not None:
+            out += self._media_problems(engine)
+            images = {self.media.tokens[s.start] for s in self.media.spans}
+        n_vocab = engine.n_vocab
+        bad = [t for t in self.prompt if not (isinstance(t, int | np.integer) and (0 <= t < n_vocab or t in images))]
         if bad:
             out.append(f"prompt: expected token ids in 0..{n_vocab - 1}, got {bad[:3]!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -91,6 +111,15 @@ class Request:
                          ("top_p", 0.0 < s.top_p <= 1.0), ("min_p", 0.0 <= s.min_p <= 1.0)):
             if not ok:
                 out.append(f"sampling: {name} out of range, got {getattr(s, name)!r}")
+        return out
+
+    def _media_problems(self, engine: BatchEngine) -> list[str]:
+        media = self.media
+        if media.projector is not None and media.projector.engine is not engine.engine:
+            return ["media: expected a prompt from this engine's projector, got one from another engine's"]
+        out = media.problems(engine.n_ubatch)
+        if not out and list(self.prompt) != media.tokens:
+            out.append("prompt: expected media.tokens (text ids and the images' identity ids), got other tokens")
         return out
 
 
@@ -230,7 +259,7 @@ class Scheduler:
 
     # --- any thread ------------------------------------------------------------------------------
     def submit(self, request: Request, sink: Callable[[Event], None] | None = None) -> Handle:
-        problems = request.problems(self.engine.n_vocab)
+        problems = request.problems(self.engine)
         if problems:
             raise GgufMtpError("request: " + "; ".join(problems))
         if len(request.prompt) > self.engine.slot_ctx:
@@ -342,15 +371,17 @@ class Scheduler:
                     return
                 h = self._queue.popleft()
                 self._free -= 1
-            self._start(self._pick_slot(h.request.prompt), h)
+            self._start(self._pick_slot(h.request), h)
 
-    def _pick_slot(self, prompt: Sequence[int]) -> int:
+    def _pick_slot(self, req: Request) -> int:
         free = [i for i, s in enumerate(self._slots) if s is None]
-        return max(free, key=lambda i: (self.engine.shared_prefix(i, prompt), -self._used_at[i]))
+        return max(free, key=lambda i: (self.engine.shared_prefix(i, req.prompt, req.media), -self._used_at[i]))
 
     def _start(self, seq: int, h: Handle) -> None:
         req = h.request
-        keep = self.engine.reuse_prefix(seq, req.prompt)
+        keep = self.engine.reuse_prefix(seq, req.prompt, req.media)
+        if req.media is not None:
+            req.media.encoded = 0
         fixed = FixedK(0) if req.draft == "off" else None if req.draft == "adaptive" else FixedK(int(req.draft))
         s = _Seq(h, StopRule(frozenset(req.stop_tokens), req.ignore_eog, self.engine.is_eog),
                  [int(t) for t in req.prompt[keep:]], fixed, copy.deepcopy(self._seen),
@@ -360,18 +391,30 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """The next prompt chunks, oldest request first, in one target decode: ``prefill_chunk`` tokens while
-        others generate (so their next round is not held up for long), a full batch when none does."""
+        others generate (so their next round is not held up for long), a full batch when none does. An image
+        next in a prompt is decoded first, whole and alone (libmtmd's decode), and counts against the same
+        budget; a text chunk stops at the next image."""
         reading = self._active(generating=False)
         if not reading:
             return
         budget = self.prefill_chunk if self._active(generating=True) else self.engine.n_batch
         work: list[tuple[int, _Seq, Part]] = []
         for seq, s in reading:
-            take = min(len(s.todo), budget)
-            if take <= 0:
+            if budget <= 0:
                 break
-            work.append((seq, s, Part(seq, s.todo[:take], "last" if take == len(s.todo) else "none")))
-            budget -= take
+            image = self._next_image(seq, s)
+            if image is not None and image.start == self.engine.n_past(seq):
+                if not self._read_image(seq, s, image):
+                    continue
+                budget -= image.n_tokens
+                image = self._next_image(seq, s)
+            text = len(s.todo) if image is None else image.start - self.engine.n_past(seq)
+            take = min(text, budget)
+            if take > 0:
+                work.append((seq, s, Part(seq, s.todo[:take], "last" if take == len(s.todo) else "none")))
+                budget -= take
+        if not work:
+            return
         try:
             self.engine.decode([p for _, _, p in work])
         except GgufMtpError as e:
@@ -383,6 +426,21 @@ class Scheduler:
             s.stats.prefill_tokens += len(p.tokens)
             if not s.todo:
                 self._first_token(seq, s, p.start + len(p.tokens) - 1)
+
+    def _next_image(self, seq: int, s: _Seq) -> ImageSpan | None:
+        media = s.request.media
+        return media.image_at(self.engine.n_past(seq)) if media is not None else None
+
+    def _read_image(self, seq: int, s: _Seq, image: ImageSpan) -> bool:
+        """Decode the image that comes next in ``seq``'s prompt; False when that failed (the request failed)."""
+        try:
+            self.engine.decode_image(seq, s.request.media, image)
+        except GgufMtpError as e:
+            self._fail(seq, str(e))
+            return False
+        del s.todo[:image.n_tokens]
+        s.stats.prefill_tokens += image.n_tokens
+        return True
 
     def _first_token(self, seq: int, s: _Seq, row: int) -> None:
         req = s.request

@@ -202,10 +202,6 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     state.refuse_when_stopping()
     req = parse_chat(await state.read_json(request), state.config.sampling, state.engine.slot_ctx)
     state.check_model(req.generation.model)
-    image = next((p for m in req.messages for p in m.parts if p.image_url is not None), None)
-    if image is not None and not state.engine_thread.supports_media:
-        raise ApiError(400, f"{image.param}: images are not supported by the batched runtime yet",
-                       param=image.param, code="images_not_supported")
     think = state.config.think if req.think is None else req.think
     prompt = await anyio.to_thread.run_sync(chat_prompt, state.engine, state.engine_thread.projector, req, think)
     return await _generate(state, request, "chat", prompt, req.generation, state.chat_stops)

@@ -14,7 +14,6 @@ the request is final and the server is done with it, whichever comes last.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -75,12 +74,10 @@ class _Release:
 
 
 class EngineThread:
-    """Submits requests and streams their events. ``request_type`` is the scheduler's ``Request`` (or a subclass);
-    ``supports_media`` says whether it takes a ``media`` prompt (images)."""
+    """Submits requests (with images, through ``projector``) and streams their events."""
 
-    def __init__(self, scheduler: Scheduler, projector: Any = None, request_type: type[Request] = Request) -> None:
-        self.scheduler, self.projector, self.request_type = scheduler, projector, request_type
-        self.supports_media = "media" in {f.name for f in dataclasses.fields(request_type)}
+    def __init__(self, scheduler: Scheduler, projector: Any = None) -> None:
+        self.scheduler, self.projector = scheduler, projector
 
     @property
     def engine(self) -> Any:
@@ -90,10 +87,9 @@ class EngineThread:
         """Hand ``prompt`` with the Request fields ``request`` to the scheduler (refusals raise ``ApiError`` here,
         before a response starts); the Run yields its events. Must be called on the event loop's thread."""
         run = Run(self.scheduler, prompt)
-        if prompt.media is not None:
-            request["media"] = prompt.media
         try:
-            run.handle = self.scheduler.submit(self.request_type(prompt=prompt.tokens, **request), sink=run.sink)
+            run.handle = self.scheduler.submit(Request(prompt=prompt.tokens, media=prompt.media, **request),
+                                               sink=run.sink)
         except GgufMtpError as e:
             prompt.close()
             raise refusal(e) from None
