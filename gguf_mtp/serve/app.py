@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP routes (Starlette): models, chat completions, completions, health, metrics.
+"""The OpenAI-compatible HTTP routes (Starlette): models, chat completions, completions, health, metrics, and the
+chat page (``GET /``: static files in static/, which use the API like any client).
 
 Every route goes through ``_endpoint``: the API key, shutdown (503), ``ApiError`` -> OpenAI's error object, any
 other exception -> 500 with the same shape (the server keeps serving), and the per-route request counter. A
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.resources
 import json
 import logging
 import threading
@@ -42,6 +44,11 @@ log = logging.getLogger("gguf_mtp.serve")
 MAX_BODY = 32 << 20  # bytes of a request body (images come base64-encoded inside it)
 FINISH = {"eog": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}  # scheduler -> OpenAI
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first (metrics only)
+PAGE_FILES = {"/": ("index.html", "text/html"), "/chat.css": ("chat.css", "text/css"),
+              "/chat.js": ("chat.js", "text/javascript")}  # path -> file in static/, its media type
+PAGE_HEADERS = {  # the page loads nothing from elsewhere; images are the user's own data: URLs
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 @dataclass
@@ -228,6 +235,15 @@ async def metrics(state: ServerState, request: Request) -> Response:
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+async def page(state: ServerState, request: Request) -> Response:
+    """The chat page's files (no API key: the page asks for it and sends it with its API calls)."""
+    name, media = PAGE_FILES[request.url.path]
+    text = importlib.resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
+    if name == "index.html" and state.config.api_key is not None:  # so the page asks for the key up front
+        text = text.replace('<body data-auth="none">', '<body data-auth="bearer">')
+    return Response(text, media_type=f"{media}; charset=utf-8", headers=PAGE_HEADERS)
+
+
 # --- generation responses ---------------------------------------------------------------------------------
 async def _generate(state: ServerState, request: Request, kind: str, prompt: Prompt, gen: Generation,
                     stops: frozenset[int]) -> Response:
@@ -317,6 +333,7 @@ ROUTES = (  # path, methods, handler, needs the API key
     ("/v1/completions", ["POST"], completions, True),
     ("/health", ["GET"], health, False),
     ("/metrics", ["GET"], metrics, True),
+    *((path, ["GET"], page, False) for path in PAGE_FILES),
 )
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
