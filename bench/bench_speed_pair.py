@@ -7,7 +7,7 @@
 Rows, each as tokens/s and the ratio to the target alone, same prompts and token count: the target alone; MTP at
 k = 1..4 and adaptive; the oracle (drafts = the target's own greedy output: every draft kept, drafting free) at the
 same lengths; llama.cpp's own C++ loop (``llama-speculative-simple --spec-type draft-mtp``, same prompts) at
-k = 1..4 when the binary is built (``--build-cpp`` builds it from .work/sdist; or ``$LLAMA_SPECULATIVE_SIMPLE``),
+k = 1..4 when the binary is built (``--build-cpp`` builds it: bench/cppbuild.py; or ``$LLAMA_SPECULATIVE_SIMPLE``),
 else a line saying it was skipped. Then the two claims the product makes, checked: MTP >= 1.5x the target alone;
 adaptive k >= the best fixed k. Then sampled decoding at temperature 0.7 / 1.0: exact-match acceptance vs
 rejection sampling, k = 3 and adaptive.
@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cppbuild  # noqa: E402
 from docsection import write_section  # noqa: E402
 
 from gguf_mtp.bench import BenchResult, run_bench  # noqa: E402
@@ -49,25 +50,13 @@ def speed_pair(workdir: Path) -> tuple[Path, Path]:
 
 
 def find_cpp_loop() -> Path | None:
-    env = os.environ.get("LLAMA_SPECULATIVE_SIMPLE")
-    if env:
-        return Path(env)
-    found = sorted((ROOT / ".work" / "sdist").glob("**/bin/llama-speculative-simple"))
-    return found[0] if found else None
+    return cppbuild.find_tool("llama-speculative-simple", env="LLAMA_SPECULATIVE_SIMPLE")
 
 
 def build_cpp_loop() -> Path:
-    """Build ``llama-speculative-simple`` from the sdist tools/fetch_sdist.py unpacked (the llama.cpp our runtime is
-    built from; stock, no patches: the speed pair has no centroid head). ~10 minutes on 2 cores, then incremental."""
-    sources = sorted((ROOT / ".work" / "sdist").glob("*/vendor/llama.cpp"))
-    if not sources:
-        raise SystemExit("error: no llama.cpp sources under .work/sdist (run python3 tools/fetch_sdist.py)")
-    src, build = sources[0], sources[0] / "build-spec"
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_EXAMPLES=ON",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_CURL=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-speculative-simple", "-j", str(os.cpu_count())],
-                   check=True)
-    return build / "bin" / "llama-speculative-simple"
+    """``llama-speculative-simple`` from the sdist our runtime is built from, patched as the runtime is
+    (bench/cppbuild.py: one build shared with the other benches; ~10 minutes on 2 cores, then incremental)."""
+    return cppbuild.build_tools("llama-speculative-simple")["llama-speculative-simple"]
 
 
 def cpp_loop(exe: Path, target: Path, drafter: Path, prompts: list[str], n: int, k: int, threads: int,
@@ -149,7 +138,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-docs", action="store_true", help="rewrite the speed-pair section of docs/bench.md")
-    ap.add_argument("--build-cpp", action="store_true", help="build llama-speculative-simple from .work/sdist first")
+    ap.add_argument("--build-cpp", action="store_true", help="build llama-speculative-simple first (bench/cppbuild.py)")
     args = ap.parse_args()
 
     target, drafter = speed_pair(args.workdir)
@@ -166,7 +155,7 @@ def main() -> int:
     exe, cpp = build_cpp_loop() if args.build_cpp else find_cpp_loop(), None
     if exe is None:
         cpp_note = ("llama.cpp's C++ loop: skipped, `llama-speculative-simple` is not built (`--build-cpp` builds it "
-                    "from the sdist in .work/sdist, or set LLAMA_SPECULATIVE_SIMPLE).")
+                    "with bench/cppbuild.py, or set LLAMA_SPECULATIVE_SIMPLE).")
     else:
         cpp = {k: cpp_loop(exe, target, drafter, prompts, args.tokens, k, args.threads, args.repeats) for k in KS}
         shown = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
