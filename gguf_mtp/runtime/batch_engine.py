@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 # what a BatchEngine answers from its Engine: the tokenizer, model facts and loading outcome (all read-only, so
 # callable from any thread; decoding goes through BatchEngine only)
 FROM_ENGINE = frozenset({
-    "tokenize", "detokenize", "piece", "is_eog", "bos", "eos", "adds_bos", "chat_template", "metadata",
+    "tokenize", "detokenize", "piece", "is_eog", "bos", "eos", "adds_bos", "chat_template", "metadata", "vocab",
     "n_vocab", "n_embd", "n_ctx", "n_batch", "k_max", "has_drafter", "drafter_problem", "settings",
     "target_path", "drafter_path", "buffers", "load_log",
 })

@@ -18,6 +18,7 @@ from ..errors import GgufMtpError
 from .adaptive import AdaptiveK, FixedK
 from .drafters import Draft, Drafter, DraftRequest, MTPDrafter
 from .engine import Engine
+from .grammar import Grammar
 from .sampling import SamplingParams, accept_drafts, pick
 from .stats import Stats
 
@@ -103,6 +104,7 @@ def speculative_generate(
     stop_tokens: Iterable[int] = (),
     ignore_eog: bool = False,
     media: MediaPrompt | None = None,
+    grammar: str | None = None,
 ) -> Iterator[Round]:
     """Yield what each round emits until an end-of-generation token, ``max_tokens``, or the context's end.
 
@@ -111,6 +113,8 @@ def speculative_generate(
     ``ignore_eog`` generates through them (benchmarks). When the generator finishes or is closed, the KV cache
     holds the prompt and every emitted token but the last, so a chat can continue from it (``reuse_prefix``).
     ``media`` (multimodal.py) decodes a prompt holding images; ``prompt`` is then ``media.tokens``.
+    ``grammar`` (GBNF) constrains every token the target chooses; drafts are cut at the first token it rejects
+    (grammar.py), MTP stays on.
     """
     if accept not in ACCEPT_MODES:
         raise GgufMtpError(f"accept: expected one of {', '.join(ACCEPT_MODES)}, got {accept!r}")
@@ -124,13 +128,14 @@ def speculative_generate(
     rng = np.random.default_rng(sampling.seed)
     stop = StopRule(frozenset(stop_tokens), ignore_eog, engine.is_eog)
     context = list(prompt)
+    g = Grammar(engine, grammar, stop.stops) if grammar is not None else None
 
     def _prefill() -> tuple[int, np.ndarray | None]:
         t0 = time.perf_counter()
         keep = stats.reused_tokens = media.reuse_prefix(engine) if media is not None else engine.reuse_prefix(prompt)
         todo = prompt[keep:]
         rows = media.decode(engine, keep) if media is not None else engine.decode(todo, outputs="last")
-        y = pick(engine.logits(1)[0], sampling, rng)
+        y = pick(engine.logits(1)[0], sampling, rng, g)
         h = engine.hidden(rows - 1).copy() if engine.has_drafter else None
         stats.prefill_tokens, stats.prefill_time = len(todo), time.perf_counter() - t0
         return y, h
@@ -138,19 +143,29 @@ def speculative_generate(
     def _draft(y: int, h: np.ndarray | None, k: int) -> Draft:
         if k == 0 or drafter is None:
             return Draft([])
-        req = DraftRequest(context, engine.n_past, h, k, sampling, accept == "rejection" and not sampling.greedy, rng)
-        d = drafter(req)
+        sampled = accept == "rejection" and not sampling.greedy and g is None  # grammar.py: argmax drafts
+        d = drafter(DraftRequest(context, engine.n_past, h, k, sampling, sampled, rng))
         return Draft(list(d.tokens[:k]), d.probs[:k] if d.probs is not None else None)
 
-    def _verify(y: int, d: Draft) -> tuple[int, int]:
-        """Decode [y, d1..dk] in one batch; (drafts kept, the target's next token)."""
+    def _verify(y: int, d: Draft) -> tuple[Draft, int, int]:
+        """Cut the drafts the grammar rejects, decode [y, d1..dk] in one batch; (the drafts verified, how many
+        were kept, the target's next token)."""
+        rows = None
+        if g is not None:
+            d, rows = g.check(d, stats)
         k = len(d.tokens)
         engine.decode([y, *d.tokens], outputs="all")
-        return accept_drafts(engine.logits(k + 1), d.tokens, d.probs, sampling, accept, rng)
+        try:
+            return d, *accept_drafts(engine.logits(k + 1), d.tokens, d.probs, sampling, accept, rng, rows)
+        finally:
+            if rows is not None:
+                rows.close()
 
     def _emit(new: list[int], kept: int) -> tuple[list[int], bool]:
         out, done = emit(new, kept, stats, stop, max_tokens)
         context.extend(out)
+        if g is not None:
+            g.advance(out)
         return out, done
 
     y, h = _prefill()
@@ -172,7 +187,7 @@ def speculative_generate(
             t0 = time.perf_counter()
             d = _draft(y, h, k)
             t1 = time.perf_counter()
-            kept, nxt = _verify(y, d)
+            d, kept, nxt = _verify(y, d)
             t2 = time.perf_counter()
             if engine.has_drafter:
                 h = engine.hidden(kept).copy()
@@ -190,6 +205,8 @@ def speculative_generate(
     finally:
         engine.truncate(safe)
         stats.generate_time = time.perf_counter() - t_start
+        if g is not None:
+            g.close()
 
 
 def generate(engine: Engine, prompt: Sequence[int], max_tokens: int, **kwargs) -> Generation:

@@ -10,6 +10,8 @@ greedy case:
   acceptance rate is sum_x min(p(x), q(x)), higher than exact matching whenever q is not one-hot.
 - ``accept_greedy``: both rules for a greedy target (p one-hot at the argmax), read straight off the logits.
 ``accept_drafts`` picks one of them for a request; ``pick`` samples a token the target produces on its own.
+Both take grammar states (grammar.py) for constrained decoding: each row's token is then chosen among the tokens
+its state allows (the logits masked before the transform; greedy reads the best allowed token).
 
 The target and drafter distributions go through the same ``probabilities`` transform (top-k, temperature,
 top-p, min-p, in that order), so "the target's distribution" is well defined for both rules.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -83,28 +86,48 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
 Rows = Callable[[int], np.ndarray]  # verify row i -> the target's distribution p_i (computed on demand)
 
 
-def accept_greedy(logits: np.ndarray, drafts: Sequence[int]) -> tuple[int, int]:
+class Constraint(Protocol):
+    """A grammar state (grammar.Grammar): the best allowed token of a row, or the row with the rest at -inf."""
+
+    def argmax(self, logits: np.ndarray) -> int: ...
+
+    def mask(self, logits: np.ndarray) -> np.ndarray: ...
+
+
+def accept_greedy(logits: np.ndarray, drafts: Sequence[int],
+                  states: Sequence[Constraint] | None = None) -> tuple[int, int]:
     """(number of drafts kept, next token) for a greedy target: keep drafts while each is its verify row's
-    argmax. ``logits`` holds the len(drafts) + 1 verify rows; no distribution or random draw is needed."""
+    argmax. ``logits`` holds the len(drafts) + 1 verify rows; no distribution or random draw is needed. With
+    ``states`` (drafts the grammar allows), a draft that is its row's argmax is also the best allowed token, so
+    only the row where the drafts end needs its state."""
     best = np.argmax(logits[:len(drafts) + 1], axis=1)
     kept = 0
     while kept < len(drafts) and best[kept] == drafts[kept]:
         kept += 1
-    return kept, int(best[kept])
+    return kept, int(best[kept]) if states is None else states[kept].argmax(logits[kept])
 
 
-def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """The target's token from one row of logits: the argmax when greedy, else a draw from the sampler."""
-    return int(np.argmax(logits)) if params.greedy else sample(probabilities(logits, params), rng)
+def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+         state: Constraint | None = None) -> int:
+    """The target's token from one row of logits: the argmax when greedy, else a draw from the sampler; among
+    the tokens ``state`` allows when given."""
+    if state is None:
+        return int(np.argmax(logits)) if params.greedy else sample(probabilities(logits, params), rng)
+    return state.argmax(logits) if params.greedy else sample(probabilities(state.mask(logits), params), rng)
 
 
 def accept_drafts(logits: np.ndarray, drafts: Sequence[int], q: np.ndarray | None, params: SamplingParams,
-                  rule: str, rng: np.random.Generator) -> tuple[int, int]:
+                  rule: str, rng: np.random.Generator,
+                  states: Sequence[Constraint] | None = None) -> tuple[int, int]:
     """(drafts kept, next token) from the len(drafts) + 1 verify rows' logits, by ``rule`` ("exact" or
-    "rejection"; ``q`` as ``accept_rejection`` takes it). Distributions are computed only for rows reached."""
+    "rejection"; ``q`` as ``accept_rejection`` takes it). Distributions are computed only for rows reached.
+    ``states[i]``: the grammar state at row i (constrained decoding)."""
     if params.greedy:
-        return accept_greedy(logits, drafts)
-    rows = lambda i: probabilities(logits[i], params)  # noqa: E731
+        return accept_greedy(logits, drafts, states)
+    if states is None:
+        rows = lambda i: probabilities(logits[i], params)  # noqa: E731
+    else:
+        rows = lambda i: probabilities(states[i].mask(logits[i]), params)  # noqa: E731
     if rule == "rejection":
         return accept_rejection(rows, drafts, q, rng)
     return accept_exact(rows, drafts, rng)

@@ -8,8 +8,8 @@ Interface (what a server codes against)::
     h = sched.submit(Request(prompt_tokens, max_tokens, SamplingParams(...), accept="exact",
                              draft="adaptive",         # or "off", or a fixed k
                              stop_tokens=frozenset(), ignore_eog=False,
-                             media=None), sink=None)   # images: media = engine.projector.tokenize(text, images),
-                                                       # prompt_tokens = media.tokens
+                             media=None,               # images: see below
+                             grammar=None), sink=None) # GBNF text: constrained decoding (grammar.py)   # images: media = engine.projector.tokenize(text, images),
     for event in h:      # blocks; Round per round, then one final Finished or Failed
         ...
     h.cancel()           # any thread, any time; the request ends with Finished("cancelled")
@@ -31,7 +31,12 @@ Interface (what a server codes against)::
   decode, whole, between the text chunks), and MTP drafts after it as after text (the drafter reads the last
   prompt row). Image positions hold the image's identity id, so a slot that holds an image is reused like text.
   The caller keeps the MediaPrompt (and its images) open until the final event; ``media.encoded`` then says how
-  many image positions were encoded (0 when the slot's cache held them).
+  many image positions were encoded (0 when the slot's cache held them). Images: ``media =
+  engine.projector.tokenize(text, images)``, ``prompt_tokens = media.tokens``.
+- Grammars: a ``Request`` with ``grammar`` (GBNF) has every token chosen under its grammar state, as in the
+  single-sequence loop (grammar.py): drafts are cut at the first token the grammar rejects before the round's
+  target decode (``Stats.grammar_cut``), each verify row chooses under its own state, and only emitted tokens
+  advance it.
 
 Each iteration (``step``): cancellations are settled; waiting requests take free slots (the slot whose cache
 shares the longest prefix with the prompt: a conversation's next turn reads only its new part); prompts are
@@ -63,6 +68,7 @@ from ..errors import GgufMtpError
 from .adaptive import BatchAdaptiveK, FixedK, PositionAcceptance
 from .batch_engine import BatchEngine, Part
 from .drafters import Draft, draft_token
+from .grammar import Grammar, Rows, check_grammar
 from .loop import ACCEPT_MODES, Round, StopRule, emit
 from .sampling import SamplingParams, accept_drafts, pick
 from .stats import Stats
@@ -86,6 +92,7 @@ class Request:
     stop_tokens: frozenset[int] = frozenset()
     ignore_eog: bool = False
     media: MediaPrompt | None = None  # a prompt with images (engine.projector.tokenize); prompt = media.tokens
+    grammar: str | None = None  # GBNF: constrained decoding (grammar.py)
 
     def problems(self, engine: BatchEngine) -> list[str]:
         """What is wrong with this request for ``engine``, as "field: expected X, got Y" lines."""
@@ -111,6 +118,11 @@ class Request:
                          ("top_p", 0.0 < s.top_p <= 1.0), ("min_p", 0.0 <= s.min_p <= 1.0)):
             if not ok:
                 out.append(f"sampling: {name} out of range, got {getattr(s, name)!r}")
+        if self.grammar is not None:
+            problem = check_grammar(engine, self.grammar) if isinstance(self.grammar, str) else \
+                f"grammar: expected GBNF text, got {type(self.grammar).__name__}"
+            if problem:
+                out.append(problem)
         return out
 
     def _media_problems(self, engine: BatchEngine) -> list[str]:
@@ -217,6 +229,7 @@ class _Seq:
     stats: Stats = field(default_factory=Stats)
     y: int = -1  # the last token: sampled, not in the cache yet
     h: np.ndarray | None = None  # the target's hidden state one position before y (the drafter's input)
+    grammar: Grammar | None = None  # the request's grammar state after every emitted token
     emitted: list[int] = field(default_factory=list)
     t_admit: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
@@ -227,7 +240,8 @@ class _Seq:
 
     @property
     def sampled_drafts(self) -> bool:
-        return self.request.accept == "rejection" and not self.request.sampling.greedy
+        req = self.request  # under a grammar, drafts are the drafter's argmax (grammar.py)
+        return req.accept == "rejection" and not req.sampling.greedy and req.grammar is None
 
 
 class Scheduler:
@@ -387,6 +401,8 @@ class Scheduler:
                  [int(t) for t in req.prompt[keep:]], fixed, copy.deepcopy(self._seen),
                  np.random.default_rng(req.sampling.seed))
         s.stats.reused_tokens = keep
+        if req.grammar is not None:
+            s.grammar = Grammar(self.engine, req.grammar, s.stop.stops)
         self._slots[seq] = s
 
     def _prefill(self) -> None:
@@ -444,7 +460,7 @@ class Scheduler:
 
     def _first_token(self, seq: int, s: _Seq, row: int) -> None:
         req = s.request
-        s.y = pick(self.engine.logits(row)[0], req.sampling, s.rng)
+        s.y = pick(self.engine.logits(row)[0], req.sampling, s.rng, s.grammar)
         s.h = self.engine.hidden(row).copy() if self.engine.has_drafter else None
         s.t_first = time.perf_counter()
         s.stats.prefill_time = s.t_first - s.t_admit  # admission to first token: other rounds included
@@ -452,7 +468,7 @@ class Scheduler:
             self._finish(seq, "max_tokens")
             return
         out, done = emit([s.y], 0, s.stats, s.stop, req.max_tokens)
-        s.emitted += out
+        self._emitted(s, out)
         s.handle._send(Round(out, 0, 0, first=True))
         if done:
             self._finish(seq, s.stats.stop_reason)
@@ -469,6 +485,7 @@ class Scheduler:
         ks = self._draft_lengths(gen)
         t0 = time.perf_counter()
         drafts, steps = self._draft(gen, ks)
+        rows = {seq: self._cut(s, drafts, seq) for seq, s in gen if s.grammar is not None}
         t1 = time.perf_counter()
         parts = [Part(seq, [s.y, *drafts[seq].tokens]) for seq, s in gen]
         pos0 = {seq: self.engine.n_past(seq) for seq, _ in gen}
@@ -477,11 +494,13 @@ class Scheduler:
         except GgufMtpError as e:
             for seq, _ in gen:
                 self._fail(seq, str(e))
+            for r in rows.values():
+                r.close()
             return
         t2 = time.perf_counter()
         kept_adaptive = 0
         for (seq, s), p in zip(gen, parts):
-            kept = self._accept(seq, s, drafts[seq], p, pos0[seq], t1 - t0, t2 - t1)
+            kept = self._accept(seq, s, drafts[seq], p, pos0[seq], t1 - t0, t2 - t1, rows.pop(seq, None))
             kept_adaptive += kept if s.fixed is None else 0
         self._batch_k.observe_costs(steps, sum(len(p.tokens) for p in parts), t2 - t1)
         if any(s.fixed is None for _, s in gen):
@@ -526,11 +545,23 @@ class Scheduler:
             steps.append((len(rows), time.perf_counter() - t))
         return {seq: Draft(tokens[seq], np.stack(qs[seq]) if qs[seq] else None) for seq, _ in gen}, steps
 
-    def _accept(self, seq: int, s: _Seq, d: Draft, p: Part, pos0: int, t_draft: float, t_verify: float) -> int:
-        """Acceptance, KV rollback and emission for one sequence of a verified round (loop.py's round)."""
+    @staticmethod
+    def _cut(s: _Seq, drafts: dict[int, Draft], seq: int) -> Rows:
+        """Cut ``seq``'s drafts at the first token its grammar rejects; the grammar state at each verify row."""
+        drafts[seq], rows = s.grammar.check(drafts[seq], s.stats)
+        return rows
+
+    def _accept(self, seq: int, s: _Seq, d: Draft, p: Part, pos0: int, t_draft: float, t_verify: float,
+                rows: Rows | None = None) -> int:
+        """Acceptance, KV rollback and emission for one sequence of a verified round (loop.py's round); ``rows``:
+        the grammar state at each verify row."""
         req, k = s.request, len(d.tokens)
-        kept, nxt = accept_drafts(self.engine.logits(p.start, k + 1), d.tokens, d.probs, req.sampling, req.accept,
-                                  s.rng)
+        try:
+            kept, nxt = accept_drafts(self.engine.logits(p.start, k + 1), d.tokens, d.probs, req.sampling,
+                                      req.accept, s.rng, rows)
+        finally:
+            if rows is not None:
+                rows.close()
         if self.engine.has_drafter:
             s.h = self.engine.hidden(p.start + kept).copy()
         self.engine.truncate(seq, pos0 + kept + 1)
@@ -543,16 +574,24 @@ class Scheduler:
         if done and len(out) < kept:  # a stop token among the kept drafts: drop it and what follows
             self.engine.truncate(seq, pos0 + 1 + len(out))
         s.y = nxt
-        s.emitted += out
+        self._emitted(s, out)
         s.handle._send(Round(out, k, kept))
         if done:
             self._finish(seq, s.stats.stop_reason)
         return kept
 
+    @staticmethod
+    def _emitted(s: _Seq, out: list[int]) -> None:
+        s.emitted += out
+        if s.grammar is not None:
+            s.grammar.advance(out)
+
     # --- leaving a slot --------------------------------------------------------------------------
     def _release(self, seq: int) -> _Seq:
         s = self._slots[seq]
         self._slots[seq] = None
+        if s.grammar is not None:
+            s.grammar.close()
         self._used_at[seq] = next(self._clock)
         if s.t_first:
             s.stats.generate_time = time.perf_counter() - s.t_first

@@ -3,7 +3,8 @@
 Invariant: ``tokens == accepted + bonus`` — every emitted token is either a kept draft or a token the target
 sampled itself (the first one after the prompt, and one per round: the correction or the token after the last
 kept draft). ``accepted`` counts kept drafts that were emitted (a stop token or the token limit can cut a round
-short); ``proposed`` counts every draft verified.
+short); ``proposed`` counts every draft verified. Under a grammar, drafts it rejects are cut before verification:
+``grammar_cut`` counts them (they are not in ``proposed``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Stats:
     proposed_by_position: list[int] = field(default_factory=list)  # [i]: rounds that drafted a token at i
     accepted_by_position: list[int] = field(default_factory=list)  # [i]: rounds that kept the draft at i
     k_histogram: dict[int, int] = field(default_factory=dict)  # draft length -> rounds
+    grammar_cut: int = 0  # drafts the request's grammar rejected before verification (never verified)
     prefill_tokens: int = 0  # prompt tokens decoded (a reused cache prefix is not counted)
     reused_tokens: int = 0  # prompt tokens found in the cache
     prefill_time: float = 0.0
@@ -47,8 +49,8 @@ class Stats:
 
     def add(self, other: Stats) -> None:
         """Add another generation's counts and times (totals over requests: a server's metrics)."""
-        for name in ("rounds", "proposed", "accepted", "bonus", "tokens", "prefill_tokens", "reused_tokens",
-                     "prefill_time", "draft_time", "verify_time", "generate_time"):
+        for name in ("rounds", "proposed", "accepted", "bonus", "tokens", "grammar_cut", "prefill_tokens",
+                     "reused_tokens", "prefill_time", "draft_time", "verify_time", "generate_time"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.proposed_by_position, other.proposed_by_position),
                              (self.accepted_by_position, other.accepted_by_position)):

@@ -149,7 +149,8 @@ class ServerState:
         max_tokens = check_fits(prompt, self.engine.slot_ctx, gen.max_tokens, param)
         draft = {"server": self.config.draft, "fixed": gen.draft.k}.get(gen.draft.mode, gen.draft.mode)
         return self.engine_thread.submit(prompt, max_tokens=max_tokens, sampling=gen.sampling,
-                                         accept=self.config.accept, draft=draft, stop_tokens=stops)
+                                         accept=self.config.accept, draft=draft, stop_tokens=stops,
+                                         grammar=gen.grammar)
 
     async def pieces(self, run: Run, text: TextStream, out: Outcome) -> AsyncIterator[Piece]:
         """The text pieces of a request's events; ``out`` gets the finish reason and usage at the end."""

@@ -5,7 +5,8 @@ Checking is table-driven (``SAMPLING`` names each numeric field's type and range
 ``null`` counts as absent, unknown fields are ignored (as llama-server and vLLM do), and fields we cannot honour
 (``n`` > 1, penalties, logprobs, tools) are refused rather than silently dropped. Our extras: ``top_k``,
 ``min_p``, ``draft`` (``{"max": K}`` / ``"adaptive"`` / ``"off"``) and
-``chat_template_kwargs: {"enable_thinking": bool}`` (llama-server's spelling).
+``chat_template_kwargs: {"enable_thinking": bool}`` (llama-server's spelling). ``response_format`` ``json_object``
+and ``json_schema`` become a GBNF grammar (runtime/grammar.py) that constrains decoding, MTP kept on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import GgufMtpError
+from ..runtime.grammar import json_object_grammar, json_schema_grammar
 from ..runtime.sampling import SamplingParams
 from ..runtime.stats import Stats
 
@@ -125,6 +128,7 @@ class Generation:
     draft: Draft = Draft()
     stream: bool = False
     include_usage: bool = False
+    grammar: str | None = None  # GBNF from response_format (None: free text)
 
 
 def parse_generation(body: dict[str, Any], defaults: SamplingParams, max_tokens_limit: int) -> Generation:
@@ -135,17 +139,39 @@ def parse_generation(body: dict[str, Any], defaults: SamplingParams, max_tokens_
     for name, allowed in REFUSED_UNLESS_DEFAULT.items():
         if _present(body, name) and body[name] not in allowed:
             raise unsupported(name, f"{name}={body[name]!r}")
-    if _present(body, "response_format"):
-        kind = expect(body["response_format"], dict, "response_format").get("type")
-        if kind != "text":
-            raise unsupported("response_format", f"response_format type {kind!r}")
     values = {name: spec.check(body[name], name) for name, spec in SAMPLING.items() if _present(body, name)}
     seed = body.get("seed")
     if seed is not None:
         values["seed"] = expect(seed, int, "seed") % (1 << 64)  # numpy seeds are unsigned
     sampling = SamplingParams(**{**vars(defaults), **values})
     return Generation(model, sampling, _max_tokens(body, max_tokens_limit), _stop(body.get("stop")),
-                      _draft(body.get("draft")), *_stream(body))
+                      _draft(body.get("draft")), *_stream(body), _response_format(body.get("response_format")))
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _response_format(value: Any) -> str | None:
+    """The grammar ``response_format`` asks for: None for text, any JSON object, or JSON matching a schema."""
+    if value is None:
+        return None
+    kind = expect(expect(value, dict, "response_format").get("type"), str, "response_format.type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad("response_format.type", f"expected one of {', '.join(RESPONSE_FORMATS)}, got {kind!r}",
+                  code="invalid_value")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_grammar()
+    spec = value.get("json_schema")
+    if spec is None:
+        raise bad("response_format.json_schema", "missing required parameter", code="missing_required_parameter")
+    schema = expect(expect(spec, dict, "response_format.json_schema").get("schema"), dict,
+                    "response_format.json_schema.schema")
+    try:
+        return json_schema_grammar(schema)
+    except GgufMtpError as e:
+        raise bad("response_format.json_schema.schema", str(e), code="invalid_value") from None
 
 
 def _max_tokens(body: dict[str, Any], limit: int) -> int | None:
@@ -302,7 +328,7 @@ class Usage:
                 "prompt_tokens_details": {"cached_tokens": s.reused_tokens},
                 "mtp": {"proposed": s.proposed, "accepted": s.accepted, "acceptance_rate": round(s.acceptance_rate, 4),
                         "proposed_by_position": list(s.proposed_by_position),
-                        "accepted_by_position": list(s.accepted_by_position)}}
+                        "accepted_by_position": list(s.accepted_by_position), "grammar_cut": s.grammar_cut}}
 
 
 @dataclass
