@@ -220,6 +220,15 @@ def render(template: str, messages: Sequence[Message], *, add_generation_prompt:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=8)
+def template_variables(source: str) -> frozenset[str]:
+    """The variables a template reads from outside (``tools``: it renders tool declarations itself)."""
+    from jinja2 import meta
+
+    template = _compile(source)
+    return frozenset(meta.find_undeclared_variables(template.environment.parse(source)))
+
+
 def prompt_text(engine: Engine, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                 **variables: Any) -> str:
     """The target's own template rendered for ``messages`` (with the model's BOS/EOS spellings)."""
@@ -236,7 +245,12 @@ def prompt_text(engine: Engine, messages: Sequence[Message], *, add_generation_p
 def prompt_tokens(engine: Engine, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                   **variables: Any) -> list[int]:
     """Render with the target's own template and tokenize (special tokens parsed; BOS added once)."""
-    text = prompt_text(engine, messages, add_generation_prompt=add_generation_prompt, **variables)
+    return text_tokens(engine, prompt_text(engine, messages, add_generation_prompt=add_generation_prompt,
+                                           **variables))
+
+
+def text_tokens(engine: Engine, text: str) -> list[int]:
+    """Rendered template text as tokens (special tokens parsed; BOS added once)."""
     tokens = engine.tokenize(text, add_special=False, parse_special=True)
     if engine.adds_bos and (not tokens or tokens[0] != engine.bos):
         tokens.insert(0, engine.bos)

@@ -36,8 +36,9 @@ from ..runtime.scheduler import Finished
 from .engine_thread import RETRY_AFTER_S, EngineThread, Run
 from .metrics import Metrics
 from .prompts import Prompt, chat_prompt, check_fits, completion_prompt
-from .schema import ApiError, Envelope, Generation, Usage, parse_chat, parse_completion
+from .schema import ApiError, Envelope, Generation, Usage, bad, parse_chat, parse_completion
 from .text import Piece, TextStream
+from .tools import CALL_OPEN, CallStream, Tools, call_grammar, check_vocabulary, parse_tools, stop_ids, text_engine
 
 log = logging.getLogger("gguf_mtp.serve")
 
@@ -208,11 +209,24 @@ async def get_model(state: ServerState, request: Request) -> Response:
 
 async def chat_completions(state: ServerState, request: Request) -> Response:
     state.refuse_when_stopping()
-    req = parse_chat(await state.read_json(request), state.config.sampling, state.engine.slot_ctx)
+    body = await state.read_json(request)
+    req = parse_chat(body, state.config.sampling, state.engine.slot_ctx)
+    tools = parse_tools(body)
     state.check_model(req.generation.model)
+    stops = state.chat_stops
+    if tools is not None:
+        check_vocabulary(state.engine)
+        stops = stops | stop_ids(state.engine, tools)
+        if tools.constrained:
+            if req.generation.grammar is not None:
+                raise bad("tool_choice", f"{tools.choice!r} cannot be combined with a response_format grammar",
+                          code="invalid_value")
+            forced = [f for f in tools.functions if tools.forced in (None, f.name)]
+            req.generation.grammar = call_grammar(forced)
     think = state.config.think if req.think is None else req.think
-    prompt = await anyio.to_thread.run_sync(chat_prompt, state.engine, state.engine_thread.projector, req, think)
-    return await _generate(state, request, "chat", prompt, req.generation, state.chat_stops)
+    prompt = await anyio.to_thread.run_sync(chat_prompt, state.engine, state.engine_thread.projector, req, think,
+                                            tools)
+    return await _generate(state, request, "chat", prompt, req.generation, stops, tools)
 
 
 async def completions(state: ServerState, request: Request) -> Response:
@@ -247,28 +261,46 @@ async def page(state: ServerState, request: Request) -> Response:
 
 # --- generation responses ---------------------------------------------------------------------------------
 async def _generate(state: ServerState, request: Request, kind: str, prompt: Prompt, gen: Generation,
-                    stops: frozenset[int]) -> Response:
+                    stops: frozenset[int], tools: Tools | None = None) -> Response:
     try:
         run = state.submit(prompt, gen, stops, "messages" if kind == "chat" else "prompt")
     except BaseException:
         prompt.close()
         raise
     env = Envelope(kind, state.config.model)
-    text = TextStream(state.engine, gen.stop, thoughts=kind == "chat")
+    text = TextStream(state.engine if tools is None else text_engine(state.engine), gen.stop,
+                      thoughts=kind == "chat")
     out = Outcome(Usage(prompt_tokens=len(prompt.tokens)))
+    calls = None if tools is None else CallStream(tools.names(), CALL_OPEN if tools.constrained else "")
     if gen.stream:
-        return StreamingResponse(_sse(state, run, env, text, out, gen.include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(state, run, env, text, out, gen.include_usage, calls),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    answer = []
 
     async def collect() -> None:
-        async for _ in state.pieces(run, text, out):
-            pass
+        async for piece in state.pieces(run, text, out):
+            piece = piece if calls is None else calls.feed(piece)
+            if piece is not None and not piece.thought:
+                answer.append(piece.text)
 
     if not await _unless_disconnected(request, collect()):
         return Response(status_code=CLIENT_GONE)
     if out.error is not None:
         raise out.error
-    return JSONResponse(env.response(text.answer, text.thoughts, out.finish, out.usage))
+    rest, tool_calls = _finish_calls(calls, out)
+    return JSONResponse(env.response("".join(answer) + rest, text.thoughts, out.finish, out.usage, tool_calls))
+
+
+def _finish_calls(calls: CallStream | None, out: Outcome) -> tuple[str, list[dict[str, Any]]]:
+    """The held text and the parsed tool calls at the end of a tool request (finish_reason "tool_calls" when
+    there are calls; a malformed call stays text with the finish reason it had)."""
+    if calls is None:
+        return "", []
+    rest, tool_calls = calls.finish(closed_by_stop=out.finish == "stop")
+    if tool_calls:
+        out.finish = "tool_calls"
+    return rest, tool_calls
 
 
 def _event(obj: dict[str, Any] | str) -> str:
@@ -276,16 +308,23 @@ def _event(obj: dict[str, Any] | str) -> str:
 
 
 async def _sse(state: ServerState, run: Run, env: Envelope, text: TextStream, out: Outcome,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, calls: CallStream | None = None) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a role chunk (chat), one chunk per token, the finish chunk, the
     usage chunk when asked for, ``[DONE]``; an error after the stream began is an ``error`` event."""
     if env.kind == "chat":
         yield _event(env.chunk(role=True))
     async for piece in state.pieces(run, text, out):
-        yield _event(env.chunk(piece.text, piece.thought, draft=piece.draft))
+        piece = piece if calls is None else calls.feed(piece)
+        if piece is not None:
+            yield _event(env.chunk(piece.text, piece.thought, draft=piece.draft))
     if out.error is not None:
         yield _event(out.error.body())
         return
+    rest, tool_calls = _finish_calls(calls, out)
+    if rest:
+        yield _event(env.chunk(rest))
+    for i, call in enumerate(tool_calls):  # one delta per call: its id, name and whole arguments
+        yield _event(env.chunk(tool_calls=[{"index": i, **call}]))
     yield _event(env.chunk(finish=out.finish))
     if include_usage:
         yield _event(env.usage_chunk(out.usage))

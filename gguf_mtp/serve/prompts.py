@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GgufMtpError
-from ..runtime.chat_template import prompt_text, prompt_tokens
+from ..runtime.chat_template import prompt_text, text_tokens
 from .schema import ApiError, ChatRequest, CompletionRequest, Message, bad
+from .tools import CALL_OPEN, Tools, render_plain, supports_tools, template_messages
 
 if TYPE_CHECKING:
     from ..runtime.multimodal import Image, MediaPrompt, Projector
@@ -68,23 +69,24 @@ def _content(msg: Message, marker: str | None) -> str:
     return "".join(out)
 
 
-def chat_prompt(engine: Any, projector: Projector | None, req: ChatRequest, think: bool) -> Prompt:
-    """Render the conversation with the target's template; images go through the projector."""
+def chat_prompt(engine: Any, projector: Projector | None, req: ChatRequest, think: bool,
+                tools: Tools | None = None) -> Prompt:
+    """Render the conversation with the target's template (tools: tools.py); images go through the projector."""
     images = [p for m in req.messages for p in m.parts if p.image_url is not None]
     if images and projector is None:
         raise bad(images[0].param, "this server has no vision projector (start it with --mmproj)",
                   code="images_not_supported")
     marker = projector.marker if projector is not None else None
-    messages = [{"role": m.role, "content": _content(m, marker)} for m in req.messages]
-    variables = {"enable_thinking": think}
+    contents = [_content(m, marker) for m in req.messages]
     try:
+        text = _render(engine, req.messages, contents, think, tools)
         if not images:
-            return Prompt(prompt_tokens(engine, messages, **variables))
+            return Prompt(text_tokens(engine, text))
         prompt = Prompt([])
         try:
             for p in images:
                 prompt.images.append(_load_image(projector, p.image_url, p.param))
-            media = projector.tokenize(prompt_text(engine, messages, **variables), prompt.images)
+            media = projector.tokenize(text, prompt.images)
             prompt.tokens, prompt.media = media.tokens, media
         except BaseException:
             prompt.close()
@@ -92,6 +94,18 @@ def chat_prompt(engine: Any, projector: Projector | None, req: ChatRequest, thin
         return prompt
     except GgufMtpError as e:  # a template that refuses these messages (raise_exception) or cannot render
         raise bad("messages", str(e), code="invalid_value") from None
+
+
+def _render(engine: Any, messages: list[Message], contents: list[str], think: bool, tools: Tools | None) -> str:
+    """The prompt text: the template renders tools itself when it can, else tools.py writes them into plain
+    messages; a forced call (tool_choice required / a function) opens the call for the model."""
+    prefill = CALL_OPEN if tools is not None and tools.constrained else ""
+    has_tool_parts = tools is not None or any(m.tool_calls or m.role == "tool" for m in messages)
+    if has_tool_parts and supports_tools(engine):
+        extra = {"tools": [f.openai() for f in tools.functions]} if tools is not None else {}
+        return prompt_text(engine, template_messages(messages, contents), enable_thinking=think, **extra) + prefill
+    plain, tail = render_plain(messages, contents, tools)
+    return prompt_text(engine, plain, enable_thinking=think) + tail + prefill
 
 
 def _load_image(projector: Projector, url: str, param: str) -> Image:

@@ -3,14 +3,16 @@
 Checking is table-driven (``SAMPLING`` names each numeric field's type and range). Every problem raises
 ``ApiError`` with OpenAI's error object (``{"error": {"message", "type", "param", "code"}}``), naming the field;
 ``null`` counts as absent, unknown fields are ignored (as llama-server and vLLM do), and fields we cannot honour
-(``n`` > 1, penalties, logprobs, tools) are refused rather than silently dropped. Our extras: ``top_k``,
+(``n`` > 1, penalties, logprobs) are refused rather than silently dropped. Our extras: ``top_k``,
 ``min_p``, ``draft`` (``{"max": K}`` / ``"adaptive"`` / ``"off"``) and
 ``chat_template_kwargs: {"enable_thinking": bool}`` (llama-server's spelling). ``response_format`` ``json_object``
 and ``json_schema`` become a GBNF grammar (runtime/grammar.py) that constrains decoding, MTP kept on.
+``tools`` / ``tool_choice`` are read by tools.py; here, messages carry ``tool_calls`` and ``role: tool`` results.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -99,7 +101,7 @@ SAMPLING = {  # request field -> its type and range (SamplingParams field of the
 }
 REFUSED_UNLESS_DEFAULT = {  # fields we cannot honour: accepted only at their default (clients often send those)
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,), "top_logprobs": (0,),
-    "logit_bias": ({},), "tools": ([],), "functions": ([],), "n": (1,), "best_of": (1,), "echo": (False,),
+    "logit_bias": ({},), "functions": ([],), "n": (1,), "best_of": (1,), "echo": (False,),
     "suffix": ("",),
 }
 
@@ -219,7 +221,7 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 # --- chat messages ----------------------------------------------------------------------------------------
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -231,10 +233,22 @@ class Part:
     param: str = ""  # where it came from, for error messages
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A call an assistant message made: its id, the function and its arguments (the JSON text of an object)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 @dataclass
 class Message:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     parts: list[Part]
+    tool_calls: list[ToolCall] = field(default_factory=list)  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
+    name: str | None = None
 
 
 @dataclass
@@ -268,16 +282,45 @@ def _message(m: Any, param: str) -> Message:
     role = expect(m.get("role"), str, f"{param}.role")
     if role not in ROLES:
         raise unsupported(f"{param}.role", f"role {role!r}")
+    role = ROLES[role]
+    calls = _tool_calls(m.get("tool_calls"), f"{param}.tool_calls") if role == "assistant" else []
+    call_id = expect(m.get("tool_call_id"), str, f"{param}.tool_call_id") if role == "tool" else None
+    name = m.get("name")
+    name = expect(name, str, f"{param}.name") if name is not None and role == "tool" else None
     content = m.get("content")
+    if content is None and calls:
+        content = ""
     if content is None:
         raise bad(f"{param}.content", "missing required parameter", code="missing_required_parameter")
     if isinstance(content, str):
-        return Message(ROLES[role], [Part(text=content, param=f"{param}.content")])
+        return Message(role, [Part(text=content, param=f"{param}.content")], calls, call_id, name)
     parts = [_part(p, f"{param}.content[{j}]") for j, p in enumerate(expect(content, list, f"{param}.content"))]
     images = [p for p in parts if p.image_url is not None]
-    if images and ROLES[role] != "user":
+    if images and role != "user":
         raise bad(images[0].param, "images are allowed in user messages only", code="invalid_value")
-    return Message(ROLES[role], parts)
+    return Message(role, parts, calls, call_id, name)
+
+
+def _tool_calls(value: Any, param: str) -> list[ToolCall]:
+    if value is None:
+        return []
+    calls = []
+    for j, c in enumerate(expect(value, list, param)):
+        at = f"{param}[{j}]"
+        expect(c, dict, at)
+        if c.get("type", "function") != "function":
+            raise bad(f"{at}.type", f'expected "function", got {c.get("type")!r}', code="invalid_value")
+        f = expect(c.get("function"), dict, f"{at}.function")
+        args = expect(f.get("arguments"), str, f"{at}.function.arguments")
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise bad(f"{at}.function.arguments", "expected the JSON text of an object", code="invalid_value")
+        calls.append(ToolCall(expect(c.get("id"), str, f"{at}.id"), expect(f.get("name"), str,
+                                                                         f"{at}.function.name"), args))
+    return calls
 
 
 def _part(p: Any, param: str) -> Part:
@@ -300,6 +343,8 @@ class CompletionRequest:
 
 def parse_completion(body: dict[str, Any], defaults: SamplingParams, max_tokens_limit: int) -> CompletionRequest:
     gen = parse_generation(body, defaults, max_tokens_limit)
+    if body.get("tools"):
+        raise unsupported("tools", "tools in /v1/completions (use /v1/chat/completions)")
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt", "missing required parameter", code="missing_required_parameter")
@@ -347,9 +392,12 @@ class Envelope:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def response(self, text: str, thoughts: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+    def response(self, text: str, thoughts: str, finish: str | None, usage: Usage,
+                 tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text or (None if tool_calls else text)}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
             if thoughts:
                 message["reasoning_content"] = thoughts
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
@@ -358,13 +406,16 @@ class Envelope:
         return {**self._head("text_completion"), "choices": [choice], "usage": usage.to_dict()}
 
     def chunk(self, text: str = "", thought: bool = False, finish: str | None = None, role: bool = False,
-              draft: list[int | None] | None = None) -> dict[str, Any]:
+              draft: list[int | None] | None = None, tool_calls: list[dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
         """One streamed piece; ``draft`` (an extra field) says how each of its tokens was produced: the position
         of the kept draft that gave it, or None for a token the target produced itself."""
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["reasoning_content" if thought else "content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls  # entries with their "index"
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
