@@ -1,8 +1,9 @@
 """Drafters: anything that, given the state of a round, proposes the next k tokens.
 
 The loop calls ``drafter(DraftRequest) -> Draft``. ``MTPDrafter`` runs the Gemma 4 assistant on llama.cpp's MTP
-context; ``OracleDrafter`` replays a known continuation (the target's own greedy output), optionally corrupting
-every n-th draft — the test and benchmark hook for exact accept/reject patterns and best-case speed.
+context, steered by the request's grammar when it has one (``draft_token``, grammar.Steer); ``OracleDrafter``
+replays a known continuation (the target's own greedy output), optionally corrupting every n-th draft — the test
+and benchmark hook for exact accept/reject patterns and best-case speed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .sampling import SamplingParams, probabilities, sample
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .grammar import Grammar, Steer
 
 
 @dataclass
@@ -28,6 +30,7 @@ class DraftRequest:
     sampling: SamplingParams
     sample: bool  # rejection sampling: drafts must be draws from q, and q returned
     rng: np.random.Generator
+    grammar: Grammar | None = None  # the grammar state after every emitted token: steer the drafts by it
 
 
 @dataclass
@@ -49,19 +52,30 @@ class MTPDrafter:
         token, h = req.tokens[-1], req.hidden
         out: list[int] = []
         qs: list[np.ndarray] = []
-        for _ in range(req.k):
-            logits, h = self.engine.draft_step(token, req.pos, h)
-            token, q = draft_token(logits, req.sampling, req.sample, req.rng)
-            out.append(token)
-            if q is not None:
-                qs.append(q)
+        steer = req.grammar.steer() if req.grammar is not None else None
+        try:
+            while len(out) < req.k and not (steer and steer.stopped):
+                logits, h = self.engine.draft_step(token, req.pos, h)
+                token, q = draft_token(logits, req.sampling, req.sample, req.rng, steer)
+                if token is None:
+                    break
+                out.append(token)
+                if q is not None:
+                    qs.append(q)
+        finally:
+            if steer is not None:
+                steer.close()
         return Draft(out, np.stack(qs) if qs else None)
 
 
-def draft_token(logits: np.ndarray, sampling: SamplingParams, sampled: bool,
-                rng: np.random.Generator) -> tuple[int, np.ndarray | None]:
+def draft_token(logits: np.ndarray, sampling: SamplingParams, sampled: bool, rng: np.random.Generator,
+                steer: Steer | None = None) -> tuple[int | None, np.ndarray | None]:
     """One MTP draft from the drafter's logits: a draw from q (returned, for rejection sampling) when
-    ``sampled``, else the argmax (greedy drafts: what exact-match acceptance keeps most often)."""
+    ``sampled``, else the argmax (greedy drafts: what exact-match acceptance keeps most often). With ``steer``
+    (a grammar: never sampled) the best token the grammar allows after the drafts before it, or None where the
+    chain stops."""
+    if steer is not None:
+        return steer.choose(logits), None
     if not sampled:
         return int(np.argmax(logits)), None
     q = probabilities(logits, sampling)

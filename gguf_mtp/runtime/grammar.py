@@ -7,12 +7,15 @@ In a round:
   grammar rejects (those are never verified; ``Stats.grammar_cut`` counts them). It returns the state at every
   verify row (``Rows``: row i is the state after the first i drafts), freed with ``close``.
 - The target's token at verify row i is chosen under row i's state (sampling.accept_drafts / pick take the
-  states): greedy keeps a draft while it is the row's plain argmax (an allowed token that is the argmax of all
-  logits is the argmax of the allowed ones too) and the row where the drafts end takes ``argmax`` (the best
-  token the grammar allows); sampling masks the row (``mask``: disallowed -> -inf) before the usual transform.
-  So a constrained greedy run with MTP emits what the target alone emits under the same grammar.
-- Under a grammar the drafts are the drafter's argmax (q one-hot) for both acceptance rules: a sampled draft the
-  grammar cuts would have to be rejected into the residual max(p - q, 0), which a cut never verifies.
+  states): greedy keeps a draft while it is the row's best allowed token (``argmax``; the row's plain argmax
+  when that is the draft: an allowed token that is the argmax of all logits is the argmax of the allowed ones
+  too) and the row where the drafts end takes ``argmax``; sampling masks the row (``mask``: disallowed -> -inf)
+  before the usual transform. So a constrained greedy run with MTP emits what the target alone emits under the same grammar.
+- The drafter is steered (``Steer``): each draft is the drafter's best token the grammar allows after the drafts
+  before it, and the chain stops where the grammar is complete or allows nothing. Steered drafts always pass
+  ``check`` (``grammar_cut`` counts only what other drafters, e.g. oracles, propose against the grammar).
+- Under a grammar the drafts are that argmax (q one-hot) for both acceptance rules: a sampled draft the grammar
+  cuts would have to be rejected into the residual max(p - q, 0), which a cut never verifies.
 
 Control tokens: llama.cpp's grammar reads a token as its text with special tokens rendered (``<turn|>``), so a
 JSON string could swallow one. Here a control token is never allowed, and the end tokens (end-of-generation, and
@@ -116,6 +119,10 @@ class Grammar:
     def close(self) -> None:
         self._free()
 
+    def steer(self) -> Steer:
+        """A draft chain starting from this state (``Steer``)."""
+        return Steer(self)
+
     # --- what the grammar allows here ----------------------------------------------------------------
     def allows(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Per token: may it come next?"""
@@ -147,8 +154,15 @@ class Grammar:
         return np.where(ok, x, -np.inf)
 
     def argmax(self, logits: np.ndarray) -> int:
-        """The best token the grammar allows (np.argmax's tie rule: the lowest id). Tries the best
-        ``FAST_CANDIDATES`` tokens first: the winner among them is the answer when its logit beats every other."""
+        """The best token the grammar allows (np.argmax's tie rule: the lowest id)."""
+        best = self.best(logits)
+        if best is None:
+            raise GgufMtpError("grammar: no token of the vocabulary can continue the text here")
+        return best
+
+    def best(self, logits: np.ndarray) -> int | None:
+        """``argmax``, or None where the grammar allows no token. Tries the best ``FAST_CANDIDATES`` tokens first:
+        the winner among them is the answer when its logit beats every other."""
         x = np.asarray(logits)
         if x.size > FAST_CANDIDATES:
             top = np.argpartition(-x, FAST_CANDIDATES)[:FAST_CANDIDATES]
@@ -158,7 +172,8 @@ class Grammar:
                 best = top[int(np.argmax(ok))]
                 if x[best] > x[top[-1]]:
                     return int(best)
-        return int(np.argmax(self.mask(x)))
+        ok = self.allows(np.arange(x.size))
+        return int(np.argmax(np.where(ok, x.astype(np.float32), -np.inf))) if ok.any() else None
 
     # --- moving through a round --------------------------------------------------------------------
     def advance(self, tokens: Iterable[int]) -> None:
@@ -185,6 +200,31 @@ class Grammar:
         if n == len(draft.tokens):
             return draft, Rows(states)
         return Draft(draft.tokens[:n], draft.probs[:n] if draft.probs is not None else None), Rows(states)
+
+
+class Steer:
+    """Grammar-steered drafting: the grammar state along one round's draft chain, from the request's state (after
+    every emitted token: verify row 0's). ``choose`` takes each draft step's drafter logits and returns the
+    drafter's best token the state allows (``best``), moving the state past it; the chain stops (``stopped``;
+    ``choose`` then returns None) where the grammar is complete or allows nothing. So every draft passes ``check``
+    (``grammar_cut`` stays 0 for steered drafts), and the drafts are a deterministic function of the drafter's
+    logits (q one-hot: rejection sampling stays exact)."""
+
+    def __init__(self, grammar: Grammar) -> None:
+        self._state = grammar.clone()
+        self.stopped = self._state.complete()
+
+    def choose(self, logits: np.ndarray) -> int | None:
+        token = None if self.stopped else self._state.best(logits)
+        if token is None:
+            self.stopped = True
+            return None
+        llama.llama_sampler_accept(self._state._sampler, token)  # ``best`` allowed it: no second check
+        self.stopped = self._state.complete()
+        return token
+
+    def close(self) -> None:
+        self._state.close()
 
 
 class Rows(list):

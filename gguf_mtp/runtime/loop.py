@@ -113,8 +113,8 @@ def speculative_generate(
     ``ignore_eog`` generates through them (benchmarks). When the generator finishes or is closed, the KV cache
     holds the prompt and every emitted token but the last, so a chat can continue from it (``reuse_prefix``).
     ``media`` (multimodal.py) decodes a prompt holding images; ``prompt`` is then ``media.tokens``.
-    ``grammar`` (GBNF) constrains every token the target chooses; drafts are cut at the first token it rejects
-    (grammar.py), MTP stays on.
+    ``grammar`` (GBNF) constrains every token the target chooses; the MTP drafter is steered by it, and drafts
+    are cut at the first token it rejects (grammar.py), MTP stays on.
     """
     if accept not in ACCEPT_MODES:
         raise GgufMtpError(f"accept: expected one of {', '.join(ACCEPT_MODES)}, got {accept!r}")
@@ -144,7 +144,7 @@ def speculative_generate(
         if k == 0 or drafter is None:
             return Draft([])
         sampled = accept == "rejection" and not sampling.greedy and g is None  # grammar.py: argmax drafts
-        d = drafter(DraftRequest(context, engine.n_past, h, k, sampling, sampled, rng))
+        d = drafter(DraftRequest(context, engine.n_past, h, k, sampling, sampled, rng, g))
         return Draft(list(d.tokens[:k]), d.probs[:k] if d.probs is not None else None)
 
     def _verify(y: int, d: Draft) -> tuple[Draft, int, int]:

@@ -98,13 +98,16 @@ def accept_greedy(logits: np.ndarray, drafts: Sequence[int],
                   states: Sequence[Constraint] | None = None) -> tuple[int, int]:
     """(number of drafts kept, next token) for a greedy target: keep drafts while each is its verify row's
     argmax. ``logits`` holds the len(drafts) + 1 verify rows; no distribution or random draw is needed. With
-    ``states`` (drafts the grammar allows), a draft that is its row's argmax is also the best allowed token, so
-    only the row where the drafts end needs its state."""
+    ``states`` (drafts the grammar allows) the row's token is its best allowed one: a draft that is the row's
+    plain argmax is that too, any other draft is compared with ``states[i].argmax`` (the target's plain choice
+    is often one the grammar forbids, while the drafts, steered, are allowed)."""
     best = np.argmax(logits[:len(drafts) + 1], axis=1)
-    kept = 0
-    while kept < len(drafts) and best[kept] == drafts[kept]:
-        kept += 1
-    return kept, int(best[kept]) if states is None else states[kept].argmax(logits[kept])
+    for i, d in enumerate(drafts):
+        t = int(best[i]) if states is None or best[i] == d else states[i].argmax(logits[i])
+        if t != d:
+            return i, t
+    n = len(drafts)
+    return n, int(best[n]) if states is None else states[n].argmax(logits[n])
 
 
 def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,

@@ -34,9 +34,10 @@ Interface (what a server codes against)::
   many image positions were encoded (0 when the slot's cache held them). Images: ``media =
   engine.projector.tokenize(text, images)``, ``prompt_tokens = media.tokens``.
 - Grammars: a ``Request`` with ``grammar`` (GBNF) has every token chosen under its grammar state, as in the
-  single-sequence loop (grammar.py): drafts are cut at the first token the grammar rejects before the round's
-  target decode (``Stats.grammar_cut``), each verify row chooses under its own state, and only emitted tokens
-  advance it.
+  single-sequence loop (grammar.py): its drafts are steered by the grammar (each the drafter's best allowed
+  token, the chain ends where the grammar is complete or allows nothing), drafts are cut at the first token the
+  grammar rejects before the round's target decode (``Stats.grammar_cut``; 0 for steered drafts), each verify
+  row chooses under its own state, and only emitted tokens advance it.
 
 Each iteration (``step``): cancellations are settled; waiting requests take free slots (the slot whose cache
 shares the longest prefix with the prompt: a conversation's next turn reads only its new part); prompts are
@@ -525,24 +526,36 @@ class Scheduler:
         return {seq: max(0, ks[seq]) for seq, _ in gen}
 
     def _draft(self, gen: list[tuple[int, _Seq]], ks: dict[int, int]) -> tuple[dict[int, Draft], list]:
-        """Draft step i for every sequence drafting more than i tokens, in one drafter decode per step."""
+        """Draft step i for every sequence drafting more than i tokens, in one drafter decode per step; a
+        sequence with a grammar is steered by it (drafters.draft_token) and drafts no further once its chain
+        stops."""
         tokens: dict[int, list[int]] = {seq: [] for seq, _ in gen}
         qs: dict[int, list[np.ndarray]] = {seq: [] for seq, _ in gen}
         last = {seq: s.y for seq, s in gen}
         hidden = {seq: s.h for seq, s in gen}
+        steers = {seq: s.grammar.steer() for seq, s in gen if s.grammar is not None and ks[seq] > 0}
         steps = []
-        for i in range(max(ks.values(), default=0)):
-            rows = [(seq, s) for seq, s in gen if ks[seq] > i]
-            t = time.perf_counter()
-            logits = self.engine.draft([seq for seq, _ in rows], [last[seq] for seq, _ in rows],
-                                       np.stack([hidden[seq] for seq, _ in rows]))
-            for r, (seq, s) in enumerate(rows):
-                last[seq], q = draft_token(logits[r], s.request.sampling, s.sampled_drafts, s.rng)
-                tokens[seq].append(last[seq])
-                if q is not None:
-                    qs[seq].append(q)
-                hidden[seq] = self.engine.draft_hidden(r).copy()
-            steps.append((len(rows), time.perf_counter() - t))
+        try:
+            for i in range(max(ks.values(), default=0)):
+                rows = [(seq, s) for seq, s in gen if ks[seq] > i and not (seq in steers and steers[seq].stopped)]
+                if not rows:
+                    break
+                t = time.perf_counter()
+                logits = self.engine.draft([seq for seq, _ in rows], [last[seq] for seq, _ in rows],
+                                           np.stack([hidden[seq] for seq, _ in rows]))
+                for r, (seq, s) in enumerate(rows):
+                    token, q = draft_token(logits[r], s.request.sampling, s.sampled_drafts, s.rng, steers.get(seq))
+                    if token is None:  # the grammar stopped the chain (steers[seq].stopped)
+                        continue
+                    last[seq] = token
+                    tokens[seq].append(token)
+                    if q is not None:
+                        qs[seq].append(q)
+                    hidden[seq] = self.engine.draft_hidden(r).copy()
+                steps.append((len(rows), time.perf_counter() - t))
+        finally:
+            for steer in steers.values():
+                steer.close()
         return {seq: Draft(tokens[seq], np.stack(qs[seq]) if qs[seq] else None) for seq, _ in gen}, steps
 
     @staticmethod
