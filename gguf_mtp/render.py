@@ -69,6 +69,7 @@ def server_args(
         args += ["--spec-draft-n-max", str(draft_length(s, draft_default))]
         args += ["-ngld", "all" if s.drafter_on_gpu else "0"]
     args += ["-ngl", "all" if s.n_gpu_layers < 0 else str(s.n_gpu_layers)]
+    args += device_args(s, drafter is not None, mmproj is not None)
     if s.tensor_overrides:
         buffers = {"CPU": "CPU", "GPU": gpu_buffer}
         args += ["-ot", ",".join(f"{pat}={buffers[dev]}" for pat, dev in s.tensor_overrides)]
@@ -93,6 +94,26 @@ def server_args(
         args += ["--port", str(port)]
     if placement_fixed:
         args += ["--fit", "off"]
+    return args
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def device_args(s: RuntimeSettings, drafter: bool, mmproj: bool) -> list[str]:
+    """Several devices: --rpc registers the rpc-servers (before --device names them), --device fixes the split
+    order, -sm layer -ts the layers per device; the drafter (-devd) and the projector (-mmdev) on the output device."""
+    if not s.devices:
+        return []
+    args = ["--rpc", ",".join(s.rpc)] if s.rpc else []
+    args += ["--device", ",".join(s.devices), "-sm", "layer"]
+    if s.tensor_split:
+        args += ["-ts", ",".join(_num(x) for x in s.tensor_split)]
+    if drafter and s.drafter_on_gpu:
+        args += ["-devd", s.drafter_device or s.output_device]
+    if mmproj and s.mmproj_on_gpu:
+        args += ["-mmdev", s.output_device]
     return args
 
 
@@ -161,6 +182,15 @@ def ollama_unexpressible(settings: RuntimeSettings) -> list[OllamaSetting]:
                                  f"OLLAMA_NUM_PARALLEL={settings.n_parallel}",
                                  lost=f"{settings.n_parallel} requests decoded together: Ollama uses its own "
                                       "default number of parallel requests"))
+    if settings.devices:
+        split = ", ".join(f"{d} {_num(x)}" for d, x in zip(settings.devices, settings.tensor_split or [1] * 99))
+        out.append(OllamaSetting(f"the layer split ({split}) is not expressible; Ollama splits layers across the GPUs "
+                                 "it sees by their free memory, and only spreads a model that fits on one GPU when "
+                                 "told to", "CUDA_VISIBLE_DEVICES / OLLAMA_SCHED_SPREAD=1 / OLLAMA_GPU_OVERHEAD",
+                                 lost="the plan's per-device proportions, the drafter's device and the projector's"))
+    if settings.rpc:
+        out.append(OllamaSetting(f"rpc-servers ({', '.join(settings.rpc)}) are not expressible; Ollama has no RPC "
+                                 "backend", lost="the remote devices: the model must fit the local GPUs"))
     if settings.flash_attn != "auto":
         val = "1" if settings.flash_attn == "on" else "0"
         out.append(OllamaSetting(f"flash attention {settings.flash_attn} (server-wide)",

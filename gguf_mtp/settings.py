@@ -27,6 +27,7 @@ DEVICES = ("CPU", "GPU")
 MOE_EXPERT_PATTERN = r"blk\.{layer}\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 N_CTX_PAD = 256  # llama_context rounds n_ctx up to a multiple of this many cells
 MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
+MULTI_DEVICE_FIELDS = ("rpc", "devices", "tensor_split", "drafter_device")
 
 
 @dataclass
@@ -48,6 +49,11 @@ class RuntimeSettings:
     threads: int | None = None  # None: llama.cpp's default
     draft_max: int | None = None  # None: adaptive draft length; K: always draft K tokens
     draft_cap: int = 8  # upper bound on k for the adaptive chooser
+    # several devices (llama.cpp split mode layer); all empty: one GPU, as before. Omitted from to_dict when unset.
+    rpc: list[str] = field(default_factory=list)  # "host:port" rpc-servers (llama-server --rpc)
+    devices: list[str] = field(default_factory=list)  # llama.cpp device names in split order (CUDA0, RPC0...)
+    tensor_split: list[float] = field(default_factory=list)  # proportions per device (llama-server -ts)
+    drafter_device: str | None = None  # the drafter's device (-devd): the one holding the target's last layers
 
     def __post_init__(self) -> None:
         self.tensor_overrides = [tuple(o) for o in self.tensor_overrides]  # JSON gives lists
@@ -76,8 +82,21 @@ class RuntimeSettings:
             problems.append(f"draft_max: expected >= 0, got {self.draft_max}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads: expected >= 1, got {self.threads}")
+        problems += self._device_problems()
         if problems:
             raise GgufMtpError("runtime settings: " + "; ".join(problems))
+
+    def _device_problems(self) -> list[str]:
+        out = [f"rpc: expected host:port, got {r!r}" for r in self.rpc
+               if not isinstance(r, str) or not r.rpartition(":")[2].isdigit() or not r.rpartition(":")[0]]
+        if self.tensor_split and len(self.tensor_split) != len(self.devices):
+            out.append(f"tensor_split: expected one proportion per device ({len(self.devices)}), "
+                       f"got {len(self.tensor_split)}")
+        if any(x < 0 for x in self.tensor_split):
+            out.append(f"tensor_split: expected proportions >= 0, got {self.tensor_split}")
+        if self.drafter_device is not None and self.devices and self.drafter_device not in self.devices:
+            out.append(f"drafter_device: expected one of {', '.join(self.devices)}, got {self.drafter_device!r}")
+        return out
 
     @property
     def adaptive(self) -> bool:
@@ -89,6 +108,12 @@ class RuntimeSettings:
         256-cell blocks) split evenly, as the batched runtime (``BatchEngine.slot_ctx``) splits it."""
         return -(-self.n_ctx // N_CTX_PAD) * N_CTX_PAD // self.n_parallel
 
+    @property
+    def output_device(self) -> str | None:
+        """With several devices: the one holding the target's last layers and output layer (llama.cpp's layer split
+        gives the last device the last layers), where the drafter and the projector go; None with one GPU."""
+        return self.devices[-1] if self.devices else None
+
     def effective_overrides(self) -> list[tuple[str, str]]:
         """Explicit overrides first, then the expert patterns that ``n_cpu_moe`` stands for."""
         moe = [(MOE_EXPERT_PATTERN.format(layer=i), "CPU") for i in range(self.n_cpu_moe)]
@@ -98,6 +123,9 @@ class RuntimeSettings:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tensor_overrides"] = [list(o) for o in self.tensor_overrides]
+        for k in MULTI_DEVICE_FIELDS:  # one-GPU plan files stay as they were
+            if not d[k]:
+                del d[k]
         return d
 
     @classmethod

@@ -16,6 +16,8 @@ from gguf_mtp.cli import main
 from gguf_mtp.errors import GgufMtpError
 from gguf_mtp.planning import memory, placement, search
 from gguf_mtp.planning.memory import GiB, MiB
+from gguf_mtp.planning.placement import layer_devices, split_device, split_points
+from gguf_mtp.planning.search import devices_from
 from gguf_mtp.settings import RuntimeSettings, load_plan_settings
 
 EXACT = 0.005  # weights and KV cache
@@ -330,3 +332,75 @@ def test_plan_cli_refuses_a_mismatched_drafter(skeletons) -> None:
     r = CliRunner().invoke(main, ["plan", "--target", str(skeletons.get("E2B", "target", "Q4_K_M")),
                                   "--drafter", str(skeletons.get("31B", "drafter", "Q8_0"))])
     assert r.exit_code == 1 and "hidden_size" in r.output, r.output
+
+
+# --- several devices (split mode layer) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ts, act, expected", [
+    ([48.0, 13.0], 61, [48, 13]),  # whole-layer counts put exactly those counts on the devices
+    ([3.0, 1.0], 61, [46, 15]),  # llama.cpp's upper_bound on float32 split points: 45.75 -> 46
+    ([1.0, 0.0, 1.0], 10, [5, 0, 5]),  # a zero proportion gets no layers
+    ([], 7, [4, 3]),  # no proportions: even here (llama.cpp would split by free memory)
+])
+def test_split_follows_llama_cpps_rule(ts, act, expected):
+    n_dev = len(expected)
+    splits = split_points(ts, n_dev)
+    counts = [0] * n_dev
+    for i in range(act):
+        counts[split_device(splits, i, act)] += 1
+    assert counts == expected
+
+
+def test_layer_devices_with_partial_offload_and_a_split():
+    layers, out = layer_devices(10, 6, ["CUDA0", "CUDA1"], [2.0, 4.0])
+    assert layers == ["CPU"] * 5 + ["CUDA0"] * 2 + ["CUDA1"] * 3 and out == "CUDA1"
+
+
+@pytest.fixture(scope="module")
+def split_plans():
+    files = search.files_from_variant("31B", "Q4_K_M", "Q8_0", vision=True)
+    one = search.plan(search.Request(files, 24 * GiB))
+    two = search.plan(search.Request(files, devices=devices_from([24 * GiB, 12 * GiB])))
+    rpc = search.plan(search.Request(files, devices=devices_from([24 * GiB], [("10.0.0.2:50052", 24 * GiB)])))
+    return files, one, two, rpc
+
+
+def test_split_plan_proportions_drafter_and_totals(split_plans):
+    files, one, two, rpc = split_plans
+    s, b = two.settings, two.breakdown
+    assert two.fits and s.devices == ["CUDA0", "CUDA1"] and s.drafter_device == "CUDA1"
+    assert [b.layers[d] for d in s.devices] == [int(x) for x in s.tensor_split]
+    assert sum(s.tensor_split) == files.target.n_layer + 1  # the output layer counts as one
+    assert s.tensor_split[0] > s.tensor_split[1]  # the bigger card takes more layers
+    # the drafter, the projector and the output head sit with the target's last layers
+    for comp in ("drafter layers", "drafter compute buffer", "projector weights", "target output head"):
+        assert b.items.get(("CUDA1", comp)) and not b.items.get(("CUDA0", comp))
+    doc = two.to_dict()
+    for dev, budget in two.request.budgets().items():
+        entry = doc["devices"][dev]
+        assert entry["total"] == sum(entry["components"].values()) == b.on(dev) <= budget
+    assert sum(e["total"] for e in doc["devices"].values()) == sum(b.items.values())
+    assert rpc.settings.devices == ["RPC0", "CUDA0"] and rpc.settings.rpc == ["10.0.0.2:50052"]
+    assert rpc.settings.drafter_device == "CUDA0"  # local: the rpc-server's layers come first
+
+
+def test_a_second_device_grows_the_context(split_plans):
+    _, one, two, rpc = split_plans
+    assert one.settings.n_ctx < two.settings.n_ctx <= rpc.settings.n_ctx
+
+
+def test_a_device_too_small_gets_no_layers():
+    files = search.files_from_variant("26B-A4B", "Q4_K_M", "Q8_0")
+    p = search.plan(search.Request(files, devices=devices_from([24 * GiB, 1 * GiB + 64 * 1024 * 1024, 24 * GiB])))
+    assert p.fits and p.settings.devices == ["CUDA0", "CUDA2"]
+    assert "CUDA1" not in p.breakdown.layers
+
+
+def test_one_gpu_plan_files_keep_their_keys():
+    d = RuntimeSettings().to_dict()
+    assert not {"rpc", "devices", "tensor_split", "drafter_device"} & set(d)
+    s = RuntimeSettings(devices=["CUDA0", "CUDA1"], tensor_split=[2.0, 1.0], drafter_device="CUDA1")
+    assert RuntimeSettings.from_dict(s.to_dict()) == s
+    with pytest.raises(GgufMtpError, match="tensor_split"):
+        RuntimeSettings(devices=["CUDA0"], tensor_split=[1.0, 2.0])

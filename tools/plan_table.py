@@ -65,6 +65,29 @@ def rows(vram: str, margin: str, n_parallel: int = 1) -> list[dict]:
     return out
 
 
+SPLITS = [  # (label, local GPUs, rpc-servers): the multi-device table
+    ("24 + 12 GB", [24 * 2**30, 12 * 2**30], []),
+    ("2 x 24 GB over RPC", [24 * 2**30], [("192.168.1.20:50052", 24 * 2**30)]),
+]
+
+
+def split_rows(margin: str) -> list[dict]:
+    """31B and 26B-A4B with drafter and projector on two devices: the layer split, the drafter's device, context."""
+    out = []
+    for label, gpus, rpc in SPLITS:
+        for name in ("31B", "26B-A4B"):
+            files = search.files_from_variant(name, QUANT, DRAFTER_QUANT, vision=True)
+            p = search.plan(search.Request(files, margin=memory.parse_size(margin),
+                                           devices=search.devices_from(gpus, rpc)))
+            s, b = p.settings, p.breakdown
+            split = " + ".join(f"{d} {b.layers.get(d, 0)}" for d in s.devices)
+            out.append({"setup": label, "variant": name, "fits": p.fits, "split": split, "drafter": s.drafter_device,
+                        "kv_type": s.cache_type_k, "n_ctx": s.n_ctx,
+                        "per_device": " / ".join(gib(b.on(d)) for d in s.devices), "host": p.host_used,
+                        "server": p.to_dict()["llama_server"]})
+    return out
+
+
 def summarize(rows: list[dict]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for r in rows:
@@ -72,7 +95,8 @@ def summarize(rows: list[dict]) -> dict[str, list[float]]:
     return out
 
 
-def markdown(table: list[dict], parallel: list[dict], vram: str, margin: str, matrix: dict | None) -> str:
+def markdown(table: list[dict], parallel: list[dict], vram: str, margin: str, matrix: dict | None,
+             splits: list[dict] | None = None) -> str:
     lines = [
         "# Fitting Gemma 4 + MTP drafter + vision projector into a VRAM budget",
         "",
@@ -111,6 +135,24 @@ def markdown(table: list[dict], parallel: list[dict], vram: str, margin: str, ma
     for r in parallel:
         lines.append(f"| {r['variant']} | {r['placement']} | {r['kv_type']} | {r['n_ctx']:,} | {r['slot_ctx']:,} | "
                      f"{gib(r['gpu_kv'])} | {gib(r['gpu_total'])} |")
+    if splits:
+        lines += [
+            "",
+            "## Two devices: 24 + 12 GB, and 2 x 24 GB over RPC",
+            "",
+            "`gguf-mtp plan ... --vision --gpu 24GiB --gpu 12GiB` and `--vram 24GiB --rpc HOST:PORT=24GiB`: llama.cpp's "
+            "layer split (`-sm layer -ts`, whole-layer proportions, the output layer counted on the last device), "
+            "rpc-servers first so the last layers, the output layer, the drafter (`-devd`: it reads the KV of the "
+            "target's last layers) and the projector (`-mmdev`) stay on the local GPU. Each device keeps the margin "
+            "free. Per-device compute buffers of a split are an estimate, not yet checked against llama.cpp.",
+            "",
+            "| setup | variant | layers per device | drafter on | KV cache | max context | per device | host RAM |",
+            "|---|---|---|---|---|---:|---|---:|",
+        ]
+        for r in splits:
+            lines.append(f"| {r['setup']} | {r['variant']} | {r['split']} | {r['drafter']} | {r['kv_type']} | "
+                         f"{r['n_ctx']:,} | {r['per_device']} | {gib(r['host'])} |")
+        lines += [""] + [f"- {r['variant']}, {r['setup']}: `{r['server']}`" for r in splits]
     lines += [
         "",
         "## What the planner counts",
@@ -167,7 +209,7 @@ def main() -> int:
     args = ap.parse_args()
     table, parallel = rows(args.vram, args.margin), rows(args.vram, args.margin, PARALLEL)
     matrix = json.loads(Path(args.matrix).read_text()) if args.matrix else None
-    text = markdown(table, parallel, args.vram, args.margin, matrix)
+    text = markdown(table, parallel, args.vram, args.margin, matrix, split_rows(args.margin))
     Path(args.output).write_text(text)
     print(text)
     return 0

@@ -22,7 +22,12 @@ from .common import emit, human_size, print_json, print_table
 @click.option("--drafter-quant", metavar="TYPE", help="--variant: drafter quant (default: the registry's).")
 @click.option("--no-drafter", is_flag=True, help="--variant: plan the target without its MTP drafter.")
 @click.option("--vision", is_flag=True, help="--variant: include the vision projector (F16).")
-@click.option("--vram", default="24GiB", show_default=True, help="GPU memory budget (24GiB, 24GB, 16000MiB).")
+@click.option("--vram", default="24GiB", show_default=True,
+              help="GPU memory budget (24GiB, 24GB, 16000MiB); several GPUs: 24GiB,12GiB (CUDA0, CUDA1).")
+@click.option("--gpu", "gpus", multiple=True, metavar="SIZE",
+              help="A local GPU's memory, once per GPU in CUDA order (instead of --vram): a layer split across them.")
+@click.option("--rpc", "rpcs", multiple=True, metavar="HOST:PORT=SIZE",
+              help="An rpc-server and its device's memory (repeatable); its layers come first in the split.")
 @click.option("--margin", default="1GiB", show_default=True, help="Kept free on the GPU (CUDA context, fragmentation).")
 @click.option("--ram", help="Host RAM budget for what stays on the CPU (default: not checked).")
 @click.option("--ctx", type=click.IntRange(min=256),
@@ -38,8 +43,8 @@ from .common import emit, human_size, print_json, print_table
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
 @click.option("--force", is_flag=True, help="Overwrite --output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter, vision, vram, margin, ram, ctx,
-             max_ctx, parallel, kv_type, flash_attn, image_tokens, output, force, as_json) -> None:
+def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter, vision, vram, gpus, rpcs, margin, ram,
+             ctx, max_ctx, parallel, kv_type, flash_attn, image_tokens, output, force, as_json) -> None:
     """Fit a Gemma 4 target + MTP drafter + vision projector into a VRAM budget.
 
     Chooses n_gpu_layers, which tensors go to the CPU (MoE experts first), projector and drafter placement,
@@ -53,6 +58,8 @@ def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter,
     gguf-mtp plan --variant 31B --quant Q4_K_M --drafter-quant Q8_0 --vision --vram 24GiB
     gguf-mtp plan --target t.gguf --drafter d.gguf --mmproj m.gguf --ctx 32768 -o plan.json
     gguf-mtp plan --variant 26B-A4B --quant Q4_K_M --parallel 4 --vram 24GiB -o serve-plan.json
+    gguf-mtp plan --variant 31B --vision --gpu 24GiB --gpu 12GiB
+    gguf-mtp plan --variant 31B --vision --vram 24GiB --rpc 192.168.1.20:50052=24GiB
     """
     from .. import fsutil
     from ..planning import search as planner
@@ -72,9 +79,13 @@ def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter,
         files = planner.files_from_variant(variant, quant, drafter_quant, drafter=not no_drafter, vision=vision)
     else:
         files = planner.files_from_paths(target, drafter, mmproj)
+    devices = _devices(planner, vram, gpus, rpcs)
+    if devices:
+        vram = str(devices[-1].vram)
     req = planner.Request(files, planner.parse_size(vram), planner.parse_size(margin),
                           planner.parse_size(ram) if ram else None, n_ctx=ctx, max_ctx=max_ctx, kv_type=kv_type,
-                          flash_attn=flash_attn, image_tokens=image_tokens, base=RuntimeSettings(n_parallel=parallel))
+                          flash_attn=flash_attn, image_tokens=image_tokens, base=RuntimeSettings(n_parallel=parallel),
+                          devices=devices)
     if req.vram <= req.margin:
         raise GgufMtpError(f"--vram ({vram}) must be larger than --margin ({margin})")
     p = planner.plan(req)
@@ -89,6 +100,23 @@ def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter,
     emit(doc, as_json, lambda doc: _print_plan(doc, p.settings, files, planner.table_rows(p), output))
 
 
+def _devices(planner: Any, vram: str, gpus: tuple[str, ...], rpcs: tuple[str, ...]) -> tuple:
+    """--gpu / --vram A,B / --rpc HOST:PORT=SIZE as the plan's devices; () for one GPU (the plan as before)."""
+    if gpus and "," in vram:
+        raise GgufMtpError("give the GPUs as --gpu SIZE (repeated) or --vram A,B, not both")
+    sizes = [planner.parse_size(g) for g in gpus] if gpus else [planner.parse_size(v) for v in vram.split(",")]
+    remote = []
+    for r in rpcs:
+        endpoint, _, size = r.rpartition("=")
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not size:
+            raise GgufMtpError(f"--rpc: expected HOST:PORT=SIZE (192.168.1.20:50052=24GiB), got {r!r}")
+        remote.append((endpoint, planner.parse_size(size)))
+    if len(sizes) + len(remote) < 2:
+        return ()
+    return planner.devices_from(sizes, remote)
+
+
 def _print_plan(doc: dict, s: Any, files: Any, rows: list[list[Any]], output: str | None) -> None:
     title = (f"plan: {files.target.source} ({files.target.quant})"
              + (f" + drafter ({files.drafter.quant})" if files.drafter else "")
@@ -100,6 +128,8 @@ def _print_plan(doc: dict, s: Any, files: Any, rows: list[list[Any]], output: st
                f"{placement}" + (f", MoE experts of {s.n_cpu_moe} layers on the CPU" if s.n_cpu_moe else "")
                + ("" if s.mmproj_on_gpu or not files.mmproj else ", projector on the CPU")
                + ("" if s.drafter_on_gpu or not files.drafter else ", drafter on the CPU"))
+    if s.devices:
+        click.echo(f"devices: {', '.join(s.devices)}; " + "; ".join(doc["steps"]))
     click.echo(f"llama-server: {doc['llama_server']}")
     params = " ".join(f"{k}={v}" for k, v in doc["ollama"]["parameters"].items())
     click.echo(f"Ollama PARAMETERs: {params}")

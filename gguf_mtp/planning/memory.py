@@ -268,9 +268,24 @@ def compute_phases(g: TextGraph, s: GraphShape, quantized_kv: bool = False) -> d
     return phases
 
 
-def compute_buffer_bytes(g: TextGraph, s: GraphShape, quantized_kv: bool = False) -> int:
-    """llama.cpp's compute buffer for one context on one backend holding the whole graph."""
-    return max(compute_phases(g, s, quantized_kv).values()) + FIXED_OVERHEAD
+def compute_buffer_bytes(g: TextGraph, s: GraphShape, quantized_kv: bool = False, output: bool = True) -> int:
+    """llama.cpp's compute buffer for one context on one backend holding the whole graph; ``output`` False: a
+    device of a layer split that holds repeating layers but not the output layer (no logits phase)."""
+    phases = compute_phases(g, s, quantized_kv)
+    if not output:
+        phases.pop("output", None)
+    return max(phases.values()) + FIXED_OVERHEAD
+
+
+SCHED_MAX_COPIES = 4  # ggml-backend's GGML_SCHED_MAX_COPIES: input copies under pipeline parallelism
+
+
+def graph_input_bytes(g: TextGraph, s: GraphShape) -> int:
+    """One copy of a device's graph inputs in a layer split: the masks and the residual (and PLE) rows it receives
+    (an estimate, not yet checked against llama.cpp's multi-device accounting)."""
+    mask_el = 2 if s.flash_attn else F32
+    masks = mask_el * s.n_tokens * (s.n_kv_full + s.n_kv_sliding)
+    return masks + F32 * s.n_tokens * (g.n_embd + g.ple_dim * len(g.layers))
 
 
 def host_compute_bytes(g: TextGraph, s: GraphShape) -> int:
@@ -281,6 +296,6 @@ def host_compute_bytes(g: TextGraph, s: GraphShape) -> int:
 
 __all__ = [
     "AttnLayer", "GiB", "GraphShape", "KVCells", "MiB", "TextGraph", "compute_buffer_bytes", "compute_phases",
-    "fmt_size", "ggml_type", "graph_shape", "host_compute_bytes", "kv_bytes", "kv_cells", "output_buffer_bytes", "pad",
+    "fmt_size", "ggml_type", "graph_input_bytes", "graph_shape", "host_compute_bytes", "kv_bytes", "kv_cells", "output_buffer_bytes", "pad",
     "parse_size", "row_bytes", "tensor_bytes",
 ]

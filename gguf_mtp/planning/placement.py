@@ -16,7 +16,10 @@ The memory model (numbers from ``memory.py``) follows what llama.cpp does with t
 
 from __future__ import annotations
 
+import bisect
 import re
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,12 +178,42 @@ def tensor_slot(name: str) -> tuple[str, int]:
     return "output", -1
 
 
-def layer_devices(n_layer: int, n_gpu_layers: int) -> tuple[list[str], str]:
+def layer_devices(n_layer: int, n_gpu_layers: int, devices: Sequence[str] = (),
+                  tensor_split: Sequence[float] = ()) -> tuple[list[str], str]:
     """Devices of the repeating layers and of the output layer: the last ``n_gpu_layers`` of n_layer + 1
-    (the output layer counts as one) go to the GPU; negative = all."""
+    (the output layer counts as one) go to the GPU; negative = all. With ``devices`` (several, split mode layer)
+    the offloaded layers go to them as llama.cpp's ``load_tensors`` splits them (``split_device``)."""
     ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
     start = max(n_layer + 1 - ngl, 0)
-    return [GPU if i >= start else CPU for i in range(n_layer)], GPU if ngl >= 1 else CPU
+    if not devices:
+        return [GPU if i >= start else CPU for i in range(n_layer)], GPU if ngl >= 1 else CPU
+    act = min(ngl, n_layer + 1)
+    splits = split_points(tensor_split, len(devices))
+    devs = [CPU if i < start or i - start >= act else devices[split_device(splits, i - start, act)]
+            for i in range(n_layer + 1)]
+    return devs[:n_layer], devs[n_layer]
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def split_points(tensor_split: Sequence[float], n_devices: int) -> list[float]:
+    """llama.cpp's cumulative, normalized split points, in float32 as it computes them. All zero (or none) means
+    'by free memory' there; the plan always gives proportions, so that case splits evenly here."""
+    ts = list(tensor_split)[:n_devices] + [0.0] * (n_devices - len(tensor_split))
+    if not any(ts):
+        ts = [1.0] * n_devices
+    acc, cum = 0.0, []
+    for x in ts:
+        acc = _f32(acc + _f32(x))
+        cum.append(acc)
+    return [_f32(c / acc) for c in cum]
+
+
+def split_device(splits: Sequence[float], i: int, act_gpu_layers: int) -> int:
+    """The device of offloaded layer ``i`` (0 = the first offloaded): std::upper_bound(splits, float(i) / act)."""
+    return bisect.bisect_right(splits, _f32(_f32(float(i)) / _f32(float(act_gpu_layers))))
 
 
 @dataclass
@@ -214,14 +247,15 @@ def _cpu_bytes(t: TensorSpec, slot: str, cpu_amx: bool) -> int:
 
 
 def place_weights(m: ModelFile, n_gpu_layers: int, overrides: list[tuple[str, str]] = (),
-                  label: str = "", cpu_amx: bool = False) -> Placement:
+                  label: str = "", cpu_amx: bool = False, devices: Sequence[str] = (),
+                  tensor_split: Sequence[float] = ()) -> Placement:
     """Where llama.cpp puts each tensor (and the tied output head's extra copy). ``cpu_amx``: the CPU backend
     offers its AMX buffer type (memory.AMX_BLOCK_EXTRA), which resizes CPU-resident matmul weights."""
     label = label or m.role
-    layers, out_dev = layer_devices(m.n_layer, n_gpu_layers)
+    layers, out_dev = layer_devices(m.n_layer, n_gpu_layers, devices, tensor_split)
     full_layers = [i for i, s in enumerate(m.layer_kinds()) if not s]
     p = Placement()
-    align = {GPU: memory.GPU_TENSOR_ALIGN, CPU: memory.TENSOR_ALIGN}
+    align = _Align()
     for t in m.tensors:
         slot, il = tensor_slot(t.name)
         if slot == "rope":  # one copy per device holding a full-attention layer
@@ -245,6 +279,13 @@ def place_weights(m: ModelFile, n_gpu_layers: int, overrides: list[tuple[str, st
         if emb is not None and not (out_dev == CPU and m.arch == keys.ARCH_DRAFTER):
             p.add(out_dev, f"{label} output head", memory.pad(emb.n_bytes, align[out_dev]))
     return p
+
+
+class _Align(dict):
+    """Tensor alignment per device: the CPU's, or a GPU's (every device that is not the CPU)."""
+
+    def __missing__(self, dev: str) -> int:
+        return memory.TENSOR_ALIGN if dev == CPU else memory.GPU_TENSOR_ALIGN
 
 
 # --- the projector's compute graph (clip gemma4v) -----------------------------------------------------
@@ -282,6 +323,8 @@ class Breakdown:
     items: dict[tuple[str, str], int] = field(default_factory=dict)
     cells: KVCells | None = None
     contexts: dict[str, dict[str, int]] = field(default_factory=dict)
+    gpus: list[str] = field(default_factory=lambda: [GPU])  # the GPU devices in split order
+    layers: dict[str, int] = field(default_factory=dict)  # target layers per device (the output layer counts one)
 
     def add(self, device: str, component: str, n: int) -> None:
         if n:
@@ -291,7 +334,11 @@ class Breakdown:
         return sum(v for (d, _), v in self.items.items() if d == device)
 
     def rows(self) -> list[tuple[str, str, int]]:
-        return sorted(((d, c, v) for (d, c), v in self.items.items()), key=lambda r: (r[0] != GPU, -r[2]))
+        order = {d: i for i, d in enumerate(self.gpus)}
+        return sorted(((d, c, v) for (d, c), v in self.items.items()), key=lambda r: (order.get(r[0], len(order)), -r[2]))
+
+    def on_gpus(self) -> int:
+        return sum(self.on(d) for d in self.gpus)
 
 
 def k_max(s: RuntimeSettings) -> int:
@@ -326,54 +373,70 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
     b = Breakdown()
     shapes = context_shapes(s, d is not None)
     b.contexts = shapes
-    ts = shapes["target"]
-    ub_eff = min(ts["n_ubatch"], ts["n_batch"], s.n_ctx)
-    cells = memory.kv_cells(s.n_ctx, ub_eff, t.n_swa, ts["n_seq_max"], ts["kv_unified"], s.swa_full)
+    ts_ = shapes["target"]
+    ub_eff = min(ts_["n_ubatch"], ts_["n_batch"], s.n_ctx)
+    cells = memory.kv_cells(s.n_ctx, ub_eff, t.n_swa, ts_["n_seq_max"], ts_["kv_unified"], s.swa_full)
     b.cells = cells
 
     # weights
-    tp = place_weights(t, s.n_gpu_layers, s.effective_overrides(), "target", cpu_amx)
+    devs, ts = s.devices, s.tensor_split
+    b.gpus = list(devs) or [GPU]
+    side = s.output_device or GPU  # the drafter's and the projector's device
+    tp = place_weights(t, s.n_gpu_layers, s.effective_overrides(), "target", cpu_amx, devs, ts)
     for (dev, comp), n in tp.bytes.items():
         b.add(dev, comp, n)
     if d is not None:
-        dp = place_weights(d, -1 if s.drafter_on_gpu else 0, [], "drafter", cpu_amx)
+        dd = s.drafter_device or side
+        dp = place_weights(d, -1 if s.drafter_on_gpu else 0, [], "drafter", cpu_amx, [dd] if devs else ())
         for (dev, comp), n in dp.bytes.items():
             b.add(dev, comp, n)
     if mm is not None:
-        b.add(GPU if s.mmproj_on_gpu else CPU, "projector weights", mm.weight_bytes)
+        b.add(side if s.mmproj_on_gpu else CPU, "projector weights", mm.weight_bytes)
 
     # KV cache: each owning layer on its layer's device
-    layers, _ = layer_devices(t.n_layer, s.n_gpu_layers)
+    layers, out_dev = layer_devices(t.n_layer, s.n_gpu_layers, devs, ts)
+    for dev in [*layers, out_dev]:
+        if dev != CPU:
+            b.layers[dev] = b.layers.get(dev, 0) + 1
     attn = t.attn_layers()
     for dev, layer, n in zip(layers, attn, memory.kv_bytes(attn, cells, s.cache_type_k, s.cache_type_v, fa)):
         b.add(dev, "KV cache (sliding layers)" if layer.sliding else "KV cache (full layers)", n)
 
-    # compute buffers
+    # compute buffers: one per device holding layers; the logits only on the output layer's
     tg = t.graph()
-    shape = memory.graph_shape(s.n_ctx, ts["n_batch"], ts["n_ubatch"], ts["n_outputs_max"], cells, fa, ts["n_seq_max"])
+    shape = memory.graph_shape(s.n_ctx, ts_["n_batch"], ts_["n_ubatch"], ts_["n_outputs_max"], cells, fa, ts_["n_seq_max"])
     graph_bytes = memory.compute_buffer_bytes(tg, shape, quantized_kv=_quantized(s))
-    any_gpu = GPU in layers or layer_devices(t.n_layer, s.n_gpu_layers)[1] == GPU
-    all_gpu = all(dev == GPU for dev in layers) and not any(dev == CPU for (dev, c) in tp.bytes if "offloaded" in c)
-    if any_gpu:
-        b.add(GPU, "target compute buffer", graph_bytes)
+    gpu_devs = [g for g in b.gpus if g in layers or g == out_dev]
+    all_gpu = CPU not in layers and not any(dev == CPU for (dev, c) in tp.bytes if "offloaded" in c)
+    if gpu_devs:
+        if len(gpu_devs) == 1:
+            b.add(gpu_devs[0], "target compute buffer", graph_bytes)
+        else:
+            inner = memory.compute_buffer_bytes(tg, shape, _quantized(s), output=False)
+            # pipeline parallelism (llama_context: several devices, all layers offloaded, no tensor overrides)
+            # keeps GGML_SCHED_MAX_COPIES copies of each device's graph inputs
+            pipe = all_gpu and out_dev != CPU and not s.effective_overrides()
+            extra = (memory.SCHED_MAX_COPIES - 1) * memory.graph_input_bytes(tg, shape) if pipe else 0
+            for g in gpu_devs:
+                b.add(g, "target compute buffer", (graph_bytes if g == out_dev else inner) + extra)
         b.add(CPU, "target compute buffer (host)", memory.host_compute_bytes(tg, shape) if all_gpu else graph_bytes)
         if not all_gpu and shape.n_tokens >= 32:  # op offload copies CPU weights to the GPU for big batches
-            b.add(GPU, "target compute buffer", tp.largest_cpu_layer_tensor)
+            b.add(gpu_devs[0], "target compute buffer", tp.largest_cpu_layer_tensor)
     else:
         b.add(CPU, "target compute buffer", graph_bytes)
     b.add(CPU, "target output buffer (host)", memory.output_buffer_bytes(
-        t.n_vocab, ts["n_batch"] if not ts["n_outputs_max"] else ts["n_outputs_max"],
-        t.n_embd if d is not None else 0, ts["n_batch"], nextn_unmasked=True))
+        t.n_vocab, ts_["n_batch"] if not ts_["n_outputs_max"] else ts_["n_outputs_max"],
+        t.n_embd if d is not None else 0, ts_["n_batch"], nextn_unmasked=True))
     if d is not None:
         dsh = shapes["drafter"]
         dg = TextGraph(d.n_embd, d.n_vocab, d.attn_layers(), tuple(d._per_layer(Keys.LLM.FEED_FORWARD_LENGTH)), 0, None,
                        t.n_embd)
         dshape = memory.graph_shape(s.n_ctx, dsh["n_batch"], dsh["n_ubatch"], dsh["n_outputs_max"], cells, fa, dsh["n_seq_max"])
         dbytes = memory.compute_buffer_bytes(dg, dshape, quantized_kv=_quantized(s))
-        b.add(GPU if s.drafter_on_gpu else CPU, "drafter compute buffer", dbytes)
+        b.add((s.drafter_device or side) if s.drafter_on_gpu else CPU, "drafter compute buffer", dbytes)
         b.add(CPU, "drafter output buffer (host)", memory.output_buffer_bytes(d.n_vocab, dshape.n_outputs, t.n_embd))
     if mm is not None:
-        b.add(GPU if s.mmproj_on_gpu else CPU, "projector compute buffer", projector_compute(mm, image_tokens, fa))
+        b.add(side if s.mmproj_on_gpu else CPU, "projector compute buffer", projector_compute(mm, image_tokens, fa))
     return b
 
 
@@ -391,5 +454,6 @@ def files_from_paths(target: str | Path, drafter: str | Path | None = None, mmpr
 
 __all__ = [
     "Breakdown", "CPU", "Files", "GPU", "IMAGE_MAX_TOKENS", "ModelFile", "Placement", "breakdown", "context_shapes",
-    "files_from_paths", "layer_devices", "place_weights", "projector_compute", "tensor_slot",
+    "files_from_paths", "layer_devices", "place_weights", "projector_compute", "split_device", "split_points",
+    "tensor_slot",
 ]

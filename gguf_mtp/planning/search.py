@@ -11,6 +11,7 @@ before download (``files_from_variant``: layouts from the exporter's tables, ``l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
 from . import memory
 from .memory import GiB, fmt_size, parse_size
-from .placement import CPU, GPU, IMAGE_MAX_TOKENS, Breakdown, Files, ModelFile, breakdown, files_from_paths
+from .placement import (CPU, GPU, IMAGE_MAX_TOKENS, Breakdown, Files, ModelFile, breakdown, files_from_paths,
+                        split_device, split_points, tensor_slot)
 
 DEFAULT_VRAM = 24 * GiB
 DEFAULT_MARGIN = 1 * GiB
@@ -31,6 +33,22 @@ SCHEMA = "gguf-mtp.plan/1"
 
 
 # --- choosing ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Device:
+    """One device of a multi-device plan: a local GPU (``CUDA0``...) or an rpc-server's (``RPC0``... at ``endpoint``)."""
+
+    name: str
+    vram: int
+    endpoint: str | None = None  # host:port of its rpc-server
+
+
+def devices_from(gpus: Iterable[int], rpc: Iterable[tuple[str, int]] = (), gpu_prefix: str = "CUDA") -> tuple[Device, ...]:
+    """Devices in llama.cpp's default order: rpc-servers first (RPC0, RPC1... as --rpc registers them, one device
+    each), then local GPUs -- so the last layers, the output layer, the drafter and the projector stay local."""
+    remote = [Device(f"RPC{i}", vram, ep) for i, (ep, vram) in enumerate(rpc)]
+    return (*remote, *(Device(f"{gpu_prefix}{i}", vram) for i, vram in enumerate(gpus)))
+
 
 @dataclass
 class Request:
@@ -44,6 +62,13 @@ class Request:
     flash_attn: str = "auto"
     image_tokens: int = IMAGE_MAX_TOKENS
     base: RuntimeSettings = field(default_factory=RuntimeSettings)
+    devices: tuple[Device, ...] = ()  # several devices (split mode layer); empty: one GPU of ``vram``
+
+    def budgets(self) -> dict[str, int]:
+        """What each GPU device may hold (its memory less the margin)."""
+        if not self.devices:
+            return {GPU: self.vram - self.margin}
+        return {dv.name: dv.vram - self.margin for dv in self.devices}
 
 
 @dataclass
@@ -62,7 +87,7 @@ class Plan:
 
     @property
     def gpu_used(self) -> int:
-        return self.breakdown.on(GPU)
+        return self.breakdown.on_gpus()
 
     @property
     def host_used(self) -> int:
@@ -77,7 +102,12 @@ class Plan:
             entry = per_device.setdefault(dev, {"total": 0, "components": {}})
             entry["components"][comp] = n
             entry["total"] += n
-        per_device.setdefault(GPU, {"total": 0, "components": {}})["budget"] = self.budget
+        for dev, budget in self.request.budgets().items():
+            if dev in self.breakdown.gpus:
+                per_device.setdefault(dev, {"total": 0, "components": {}})["budget"] = budget
+        if self.request.devices:
+            for dev, n in self.breakdown.layers.items():
+                per_device[dev]["layers"] = n
         if self.request.ram is not None:
             per_device.setdefault(CPU, {"total": 0, "components": {}})["budget"] = self.request.ram
         return {
@@ -86,7 +116,9 @@ class Plan:
             "shortfall_bytes": self.shortfall,
             "files": paths,
             "quants": {"target": f.target.quant, "drafter": f.drafter.quant if f.drafter else None},
-            "budget": {"vram": self.request.vram, "margin": self.request.margin, "ram": self.request.ram},
+            "budget": {"vram": self.request.vram, "margin": self.request.margin, "ram": self.request.ram,
+                       **({"devices": [{"name": d.name, "vram": d.vram, "rpc": d.endpoint} for d in self.request.devices]}
+                          if self.request.devices else {})},
             "runtime": self.settings.to_dict(),
             "slot_ctx": self.settings.slot_ctx,
             "contexts": self.breakdown.contexts,
@@ -112,9 +144,98 @@ def _draft_default(f: Files) -> int | None:
 
 
 def _fits(files: Files, s: RuntimeSettings, req: Request) -> tuple[bool, Breakdown]:
+    if req.devices:
+        split = _split(files, s, req)
+        return split is not None, breakdown(files, split or s, req.image_tokens)
     b = breakdown(files, s, req.image_tokens)
     ok = b.on(GPU) <= req.vram - req.margin and (req.ram is None or b.on(CPU) <= req.ram)
     return ok, b
+
+
+def _ok(b: Breakdown, req: Request) -> bool:
+    return all(b.on(d) <= n for d, n in req.budgets().items()) and (req.ram is None or b.on(CPU) <= req.ram)
+
+
+def _with_split(s: RuntimeSettings, names: list[str], counts: list[int]) -> RuntimeSettings:
+    """Layer counts as llama.cpp's tensor_split: whole-layer proportions put exactly these counts on the devices
+    (placement.split_device), the drafter on the device of the target's last layers."""
+    return s.replace(devices=list(names), tensor_split=[float(c) for c in counts], drafter_device=names[-1],
+                     rpc=[])
+
+
+def _split(files: Files, s: RuntimeSettings, req: Request) -> RuntimeSettings | None:
+    """The layer split (split mode layer) that fits these settings on the request's devices, or None: first the
+    offloaded layers in proportion to what each device has left for layers, else packed from the first device. A
+    device that cannot take one layer gets none and leaves the list."""
+    names = [d.name for d in req.devices]
+    budgets = req.budgets()
+    t = files.target
+    n_off = t.n_layer + 1 if s.n_gpu_layers < 0 else min(s.n_gpu_layers, t.n_layer + 1)
+    while names:
+        per_layer = _layer_costs(files, s, req, n_off)
+        one = [1] * (len(names) - 1)
+        probe = breakdown(files, _with_split(s, names, [*one, max(n_off - len(one), 1)]), req.image_tokens)
+        held = [[k] for k in range(len(one))] + [range(len(one), n_off)]  # the probe's layers per device
+        fixed = {dv: probe.on(dv) - sum(per_layer[i] for i in held[k]) for k, dv in enumerate(names)}
+        room = [max(budgets[dv] - fixed[dv], 0) for dv in names]
+        counts = _proportional(per_layer, room)
+        for c in (counts, _packed(per_layer, room)):
+            if c is None or 0 in c:
+                continue
+            cand = _with_split(s, names, c)
+            if _ok(breakdown(files, cand, req.image_tokens), req):
+                return _rpc(cand, req)
+        small = next((k for k, r in enumerate(room) if r < min(per_layer[:-1], default=0)), None)
+        if small is None or len(names) == 1:
+            return None
+        names.pop(small)
+    return None
+
+
+def _rpc(s: RuntimeSettings, req: Request) -> RuntimeSettings:
+    return s.replace(rpc=[d.endpoint for d in req.devices if d.endpoint and d.name in s.devices])
+
+
+def _layer_costs(files: Files, s: RuntimeSettings, req: Request, n_off: int) -> list[int]:
+    """GPU bytes of each offloaded layer (weights + its KV), in order; the output layer's is counted as fixed."""
+    t = files.target
+    start = t.n_layer + 1 - n_off
+    costs = [0] * n_off  # the last is the output layer: 0 here, its head is in the device's fixed part
+    over = s.effective_overrides()
+    for ts in t.tensors:
+        slot, il = tensor_slot(ts.name)
+        if slot == "layer" and il >= start and not any(re.search(p, ts.name) for p, _ in over):
+            costs[il - start] += memory.pad(ts.n_bytes, memory.GPU_TENSOR_ALIGN)
+    cells = breakdown(files, s, req.image_tokens).cells
+    kv = memory.kv_bytes(t.attn_layers(), cells, s.cache_type_k, s.cache_type_v, s.flash_attn != "off")
+    for i in range(start, t.n_layer):
+        costs[i - start] += kv[i]
+    return costs
+
+
+def _proportional(costs: list[int], room: list[int]) -> list[int] | None:
+    """Layer counts from llama.cpp's rule with tensor_split = the room each device has."""
+    if not sum(room):
+        return None
+    splits = split_points([float(r) for r in room], len(room))
+    counts = [0] * len(room)
+    for i in range(len(costs)):
+        counts[split_device(splits, i, len(costs))] += 1
+    return counts
+
+
+def _packed(costs: list[int], room: list[int]) -> list[int] | None:
+    """Each device but the last filled in order with as many layers as its room takes; the rest on the last."""
+    counts, i = [], 0
+    for r in room[:-1]:
+        c, used = 0, 0
+        while i < len(costs) - 1 and used + costs[i] <= r:
+            used += costs[i]
+            c += 1
+            i += 1
+        counts.append(c)
+    counts.append(len(costs) - i)
+    return counts
 
 
 def _largest_ctx(files: Files, s: RuntimeSettings, req: Request, lo: int, hi: int) -> int | None:
@@ -181,6 +302,10 @@ def plan(req: Request) -> Plan:
             if ctx is None:
                 continue
             s = s.replace(n_ctx=ctx)
+            if req.devices:
+                s = _split(files, s, req)
+                assert s is not None  # _largest_ctx found a split at this context
+                step = f"{step}; {_split_step(s, files)}"
             p = Plan(req, s, breakdown(files, s, req.image_tokens), True, [step], rank=rank)
             if best is None or _better(p, best):
                 best = p
@@ -192,12 +317,23 @@ def plan(req: Request) -> Plan:
     fa = "on" if kv != "f16" and req.flash_attn == "auto" else req.flash_attn
     least: Plan | None = None
     for s, step in _placements(files, base.replace(n_ctx=floor, cache_type_k=kv, cache_type_v=kv, flash_attn=fa)):
+        if req.devices:  # short of the whole: the layers in proportion to the devices' memory
+            s = _with_split(s, [d.name for d in req.devices], [d.vram for d in req.devices])
+            s = _rpc(s.replace(tensor_split=[float(d.vram // memory.MiB) for d in req.devices]), req)
         b = breakdown(files, s, req.image_tokens)
-        short = max(b.on(GPU) - (req.vram - req.margin), b.on(CPU) - req.ram if req.ram is not None else 0, 1)
+        short = max(max(b.on(d) - n for d, n in req.budgets().items()),
+                    b.on(CPU) - req.ram if req.ram is not None else 0, 1)
         if least is None or short < least.shortfall:
             least = Plan(req, s, b, False, [step], short)
     assert least is not None
     return least
+
+
+def _split_step(s: RuntimeSettings, files: Files) -> str:
+    counts = ", ".join(f"{d} {int(n)}" for d, n in zip(s.devices, s.tensor_split))
+    why = (f"the drafter on {s.drafter_device}, which holds the target's last layers (the drafter reads their KV) and "
+           "the output layer") if files.drafter else f"the output layer on {s.devices[-1]}"
+    return f"layers split {counts} (-sm layer -ts, the output layer counted on the last); {why}"
 
 
 def _better(p: Plan, best: Plan) -> bool:
@@ -228,6 +364,10 @@ def shortfall_message(p: Plan) -> str:
     b, s = p.breakdown, p.settings
     gpu_over = b.on(GPU) - p.budget
     parts = [f"even with {p.steps[-1] if p.steps else 'the smallest placement'} and a {s.cache_type_k} KV cache"]
+    if p.request.devices:
+        gpu_over = 0
+        parts += [f"{d} needs {fmt_size(b.on(d))} for a {fmt_size(n)} budget ({fmt_size(b.on(d) - n)} short)"
+                  for d, n in p.request.budgets().items() if b.on(d) > n]
     if gpu_over > 0:
         biggest = max(((c, n) for (d, c), n in b.items.items() if d == GPU), key=lambda x: x[1], default=None)
         parts.append(f"the GPU needs {fmt_size(b.on(GPU))} for a {fmt_size(p.budget)} budget "
@@ -283,13 +423,17 @@ def plan_for_files(target: str | Path, drafter: str | Path | None = None, mmproj
 def table_rows(p: Plan) -> list[list[str]]:
     """Device, component, size rows for the human table, GPU first, with a total and free line per device."""
     rows: list[list[str]] = []
-    for dev in (GPU, CPU):
+    budgets = p.request.budgets()
+    for dev in (*p.breakdown.gpus, CPU):
         items = [(c, n) for d, c, n in p.breakdown.rows() if d == dev]
         for c, n in items:
             rows.append([dev, c, fmt_size(n)])
         total = p.breakdown.on(dev)
-        if dev == GPU:
-            rows.append([dev, f"total (budget {fmt_size(p.budget)})", f"{fmt_size(total)} ({fmt_size(p.budget - total)} free)"])
+        if dev in budgets:
+            layers = p.breakdown.layers.get(dev, 0)
+            what = f"total, {layers} layers (budget {fmt_size(budgets[dev])})" if p.request.devices else \
+                f"total (budget {fmt_size(budgets[dev])})"
+            rows.append([dev, what, f"{fmt_size(total)} ({fmt_size(budgets[dev] - total)} free)"])
         else:
             rows.append([dev, "total host memory" + (f" (budget {fmt_size(p.request.ram)})" if p.request.ram else ""),
                          fmt_size(total)])
@@ -297,6 +441,6 @@ def table_rows(p: Plan) -> list[list[str]]:
 
 
 __all__ = [
-    "DEFAULT_MARGIN", "DEFAULT_VRAM", "Plan", "Request", "files_from_variant", "plan", "plan_for_files",
+    "DEFAULT_MARGIN", "DEFAULT_VRAM", "Device", "Plan", "Request", "devices_from", "files_from_variant", "plan", "plan_for_files",
     "shortfall_message", "table_rows", "variant_file_names",
 ]
