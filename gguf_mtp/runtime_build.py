@@ -59,6 +59,9 @@ AMX_TILE_CONFIG = "amx-tile-config"  # patch topic that fixes the GCC 12 AMX mis
 PORTABLE_ARGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
                  "-DGGML_BMI2=ON")
 
+RPC_ARGS = ("-DGGML_RPC=ON",)  # --rpc: llama.cpp's RPC backend (libggml-rpc) in the runtime
+RPC_SERVER = "rpc-server"  # llama.cpp's tools/rpc server, built from the same tree, shipped in llama_cpp/lib/
+
 _PATCH_NAME = re.compile(r"^(\d{4})-([a-z0-9][a-z0-9-]*)\.patch$")
 _SERIES_DECL = re.compile(r'"gguf_mtp\.(\d+):([a-z0-9,-]+)"')
 
@@ -145,12 +148,12 @@ def cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "gguf-mtp"
 
 
-def variant_name(cuda: bool, cuda_arch: str | None, portable: bool = False) -> str:
+def variant_name(cuda: bool, cuda_arch: str | None, portable: bool = False, rpc: bool = False) -> str:
     """The build directory's name: one persistent build per variant (a portable build must not share a
     build directory with a native one, or each switch would recompile everything)."""
     name = "cpu" if not cuda else "cuda" + ("-" + re.sub(r"[^0-9A-Za-z]+", "-", cuda_arch).strip("-")
                                               if cuda_arch else "")
-    return name + ("-portable" if portable else "")
+    return name + ("-rpc" if rpc else "") + ("-portable" if portable else "")
 
 
 def fetch_sdist(cache: Path, sdist: Path | None = None) -> Path:
@@ -299,8 +302,8 @@ def _locked(cache: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def cmake_args(cuda: bool, cuda_arch: str | None, portable: bool = False) -> list[str]:
-    args = list(PORTABLE_ARGS) if portable else []
+def cmake_args(cuda: bool, cuda_arch: str | None, portable: bool = False, rpc: bool = False) -> list[str]:
+    args = (list(PORTABLE_ARGS) if portable else []) + (list(RPC_ARGS) if rpc else [])
     if cuda:
         args.append("-DGGML_CUDA=on")
         if cuda_arch:
@@ -436,6 +439,64 @@ def check_wheel(wheel: Path) -> str:
     return "unknown" if "unknown" in states else "ok" if "ok" in states else "absent"
 
 
+def build_rpc_server(src_root: Path, out: Path, log: Path) -> Path:
+    """Compile llama.cpp's ``tools/rpc/rpc-server.cpp`` of the patched tree against the ggml libraries the wheel
+    build just installed into ``llama_cpp/lib`` (same ggml, so the same RPC protocol as the runtime). One source file
+    that links only ggml: seconds, not a second CMake build of ggml. Its rpath is ``$ORIGIN``: it runs from
+    ``llama_cpp/lib/`` of the installed wheel, next to those libraries."""
+    llama, lib = src_root / "vendor" / "llama.cpp", src_root / "llama_cpp" / "lib"
+    if not (lib / "libggml-rpc.so").exists():
+        raise RuntimeBuildError(f"the build did not produce libggml-rpc.so in {lib} (was -DGGML_RPC=ON overridden "
+                                "by CMAKE_ARGS?)")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    cmd = [cxx, "-std=c++17", "-O2", "-pthread", "-I", str(llama / "ggml" / "include"),
+           str(llama / "tools" / "rpc" / "rpc-server.cpp"), "-o", str(out), "-L", str(lib), "-lggml", "-lggml-base",
+           "-Wl,-rpath,$ORIGIN"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    with log.open("a") as fh:
+        fh.write("\n$ " + " ".join(cmd) + "\n" + r.stdout + r.stderr)
+    if r.returncode != 0 or not out.is_file():
+        raise RuntimeBuildError(f"building {RPC_SERVER} failed (exit {r.returncode}); full log: {log}\n"
+                                f"last lines:\n{tail(log)}")
+    return out
+
+
+def add_to_wheel(wheel: Path, file: Path, arcname: str) -> None:
+    """Add an executable to a built wheel and list it in RECORD, so pip installs and uninstalls it with the rest."""
+    import base64
+    import stat
+
+    data = file.read_bytes()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    tmp = wheel.with_name(wheel.name + ".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        record = next(n for n in src.namelist() if n.endswith(".dist-info/RECORD"))
+        for item in src.infolist():
+            if item.filename not in (record, arcname):
+                dst.writestr(item, src.read(item.filename))
+        info = zipfile.ZipInfo(arcname, date_time=time.localtime()[:6])
+        info.external_attr = (stat.S_IFREG | 0o755) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        dst.writestr(info, data)
+        lines = [ln for ln in src.read(record).decode().splitlines() if ln and not ln.startswith(arcname + ",")]
+        lines.insert(len(lines) - 1, f"{arcname},sha256={digest},{len(data)}")  # RECORD's own line stays last
+        dst.writestr(record, "\n".join(lines) + "\n")
+    os.replace(tmp, wheel)
+
+
+def rpc_server_path() -> Path | None:
+    """The installed runtime's rpc-server (``llama_cpp/lib/rpc-server``, from ``runtime build --rpc``), found
+    without loading libllama; None when the installed runtime was built without it."""
+    try:
+        spec = importlib.util.find_spec("llama_cpp")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / "lib" / RPC_SERVER
+    return path if path.is_file() else None
+
+
 def install_wheel(wheel: Path) -> None:
     """Replace whatever llama-cpp-python is installed, then add its own dependencies if missing (numpy, ...)."""
     pip = [sys.executable, "-m", "pip", "install", "-q"]
@@ -446,12 +507,13 @@ def install_wheel(wheel: Path) -> None:
 
 def build_runtime(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False,
                   install: bool = True, sdist: Path | None = None, patch_dir: Path | None = None,
-                  cache: Path | None = None, portable: bool = False) -> BuildResult:
-    """Fetch, patch, build (incrementally) and install the runtime; a cached wheel of the same key is reused."""
+                  cache: Path | None = None, portable: bool = False, rpc: bool = False) -> BuildResult:
+    """Fetch, patch, build (incrementally) and install the runtime; a cached wheel of the same key is reused.
+    ``rpc``: also llama.cpp's RPC backend and its rpc-server, shipped in the wheel (``llama_cpp/lib/rpc-server``)."""
     series = load_series(patch_dir)
     cache = cache or cache_dir()
-    variant = variant_name(cuda, cuda_arch, portable)
-    args = cmake_args(cuda, cuda_arch, portable)
+    variant = variant_name(cuda, cuda_arch, portable, rpc)
+    args = cmake_args(cuda, cuda_arch, portable, rpc)
     key = cache_key(series.sha256, args, cpu.cpu_flags(), compiler_identity())
     wheel_dir = cache / "wheels" / f"{variant}-{key}"
     with _locked(cache):
@@ -464,10 +526,13 @@ def build_runtime(cuda: bool = False, cuda_arch: str | None = None, jobs: int | 
             src_root = cache / "src" / variant / SDIST_NAME
             changed = prepare_source(archive, series, src_root)
             shutil.rmtree(wheel_dir, ignore_errors=True)
-            wheel = build_wheel(src_root, cache / "build" / variant, wheel_dir, args, jobs,
-                                cache / "logs" / f"build-{variant}.log")
+            log = cache / "logs" / f"build-{variant}.log"
+            wheel = build_wheel(src_root, cache / "build" / variant, wheel_dir, args, jobs, log)
             try:
                 check_wheel(wheel)
+                if rpc:
+                    server = build_rpc_server(src_root, cache / "build" / variant / RPC_SERVER, log)
+                    add_to_wheel(wheel, server, f"llama_cpp/lib/{RPC_SERVER}")
             except RuntimeBuildError:
                 shutil.rmtree(wheel_dir, ignore_errors=True)
                 raise
@@ -657,6 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild even if a wheel of this series is cached")
     b.add_argument("--no-install", action="store_true", help="only build the wheel")
     b.add_argument("--sdist", type=Path, help="use this llama-cpp-python 0.3.36 sdist archive (no download)")
+    b.add_argument("--rpc", action="store_true", help="also llama.cpp's RPC backend (-DGGML_RPC=ON) and its "
+                   "rpc-server, for models split over several machines")
     b.add_argument("--portable", action="store_true", help="no -march=native: an AVX2 baseline that runs on other "
                    "x86-64 CPUs (for a shared cache or a copied wheel)")
     i = sub.add_parser("info", help="which llama-cpp-python is loaded, its backends and our patches in it")
@@ -671,7 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.print_help()
             return 2
         r = build_runtime(cuda=args.cuda, cuda_arch=args.cuda_arch, jobs=args.jobs, force=args.force,
-                          install=not args.no_install, sdist=args.sdist, portable=args.portable)
+                          install=not args.no_install, sdist=args.sdist, portable=args.portable,
+                          rpc=args.rpc)
         how = "built" if r.built else "cached"
         print(f"{how} {r.wheel}" + (" and installed" if r.installed else ""))
         return 0

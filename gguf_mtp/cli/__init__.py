@@ -18,7 +18,7 @@ from .conversion import convert_cmd
 from .generation import generate_cmd
 from .inspection import check_cmd, inspect_cmd
 from .integration import modelfile_cmd, serve_cmd
-from .llama_runtime import runtime_group
+from .llama_runtime import rpc_server_cmd, runtime_group
 from .planning import plan_cmd, skeleton_cmd
 from .quantization import quantize_cmd, quantize_pair_cmd
 from .serving import serve_http_cmd
@@ -32,5 +32,5 @@ def main() -> None:
 
 for _command in (modelfile_cmd, serve_cmd, quantize_cmd, quantize_pair_cmd, inspect_cmd, check_cmd, generate_cmd,
                  runtime_group, convert_cmd, plan_cmd, skeleton_cmd, chat_cmd, demo_cmd, bench_cmd,
-                 serve_http_cmd):
+                 serve_http_cmd, rpc_server_cmd):
     main.add_command(_command)

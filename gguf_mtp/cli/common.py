@@ -104,6 +104,14 @@ def runtime_options(f: Any) -> Any:
         click.option("--repack/--no-repack", default=None,
                      help="Repack CPU weights for the CPU's fast kernels (AMX, AVX-512); on by default."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads."),
+        click.option("--rpc", "rpc", metavar="HOST:PORT,...", help="llama.cpp rpc-servers to add as devices "
+                     "(gguf-mtp rpc-server; needs a runtime built with --rpc). Unauthenticated: trusted hosts only."),
+        click.option("-dev", "--device", "device", metavar="DEV,...", help="Devices in split order (llama.cpp "
+                     "names: CPU first if any, then CUDA0, RPC0 or RPC[HOST:PORT], ...)."),
+        click.option("-ts", "--tensor-split", "tensor_split", metavar="P,...", help="Share of the layers per "
+                     "--device, e.g. 1,2,2."),
+        click.option("-devd", "--device-draft", "device_draft", metavar="DEV", help="The drafter's device "
+                     "(default: the device of the target's last layers)."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -114,7 +122,8 @@ def runtime_settings(plan_file: str | None, ctx: int | None, n_gpu_layers: int |
                      n_cpu_moe: int | None, drafter_cpu: bool | None, batch_size: int | None,
                      ubatch_size: int | None, cache_type_k: str | None, cache_type_v: str | None,
                      flash_attn: str | None, swa_full: bool | None, repack: bool | None, threads: int | None,
-                     draft: dict[str, Any] | None = None) -> Any:
+                     rpc: str | None = None, device: str | None = None, tensor_split: str | None = None,
+                     device_draft: str | None = None, draft: dict[str, Any] | None = None) -> Any:
     """RuntimeSettings from --plan (or the defaults), the runtime flags on top, then ``draft``
     (:func:`draft_settings`)."""
     from ..settings import RuntimeSettings, load_plan_settings
@@ -131,8 +140,21 @@ def runtime_settings(plan_file: str | None, ctx: int | None, n_gpu_layers: int |
     settings = base.replace(n_ctx=ctx, n_gpu_layers=n_gpu_layers, tensor_overrides=overrides, n_cpu_moe=n_cpu_moe,
                             drafter_on_gpu=None if drafter_cpu is None else not drafter_cpu, n_batch=batch_size,
                             n_ubatch=ubatch_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                            flash_attn=flash_attn, swa_full=swa_full, repack=repack, threads=threads)
+                            flash_attn=flash_attn, swa_full=swa_full, repack=repack, threads=threads,
+                            rpc=_csv(rpc), devices=_csv(device), tensor_split=_floats("--tensor-split", tensor_split),
+                            drafter_device=device_draft)
     return dataclasses.replace(settings, **draft) if draft else settings
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _floats(flag: str, value: str | None) -> list[float] | None:
+    try:
+        return [float(v) for v in _csv(value)] if value else None
+    except ValueError:
+        raise GgufMtpError(f"{flag}: expected numbers like 1,2,2, got {value!r}") from None
 
 
 def draft_settings(draft_max: int | None, adaptive: bool, draft_cap: int | None) -> dict[str, Any]:

@@ -25,8 +25,10 @@ def runtime_group() -> None:
               "archive instead of downloading it.")
 @click.option("--portable", is_flag=True, help="No -march=native: an AVX2 baseline that runs on other x86-64 CPUs "
               "(a shared cache, a wheel copied to other machines).")
+@click.option("--rpc", is_flag=True, help="Also llama.cpp's RPC backend (-DGGML_RPC=ON) and its rpc-server (gguf-mtp "
+              "rpc-server), to split models over several machines.")
 def runtime_build_cmd(cuda: bool, cuda_arch: str | None, jobs: int | None, force: bool, no_install: bool,
-                      sdist: str | None, portable: bool) -> None:
+                      sdist: str | None, portable: bool, rpc: bool) -> None:
     """Build llama-cpp-python 0.3.36 with our llama.cpp patches and install it as 0.3.36+gguf_mtp.N.
 
     The sdist is downloaded once; the build directory and the wheels live in the cache ($GGUF_MTP_CACHE, default
@@ -41,13 +43,14 @@ def runtime_build_cmd(cuda: bool, cuda_arch: str | None, jobs: int | None, force
       gguf-mtp runtime build --jobs 4
       gguf-mtp runtime build --cuda --cuda-arch 86
       gguf-mtp runtime build --portable
+      gguf-mtp runtime build --rpc        # then: gguf-mtp rpc-server, generate --rpc HOST:PORT
     """
     from pathlib import Path
 
     from ..runtime_build import build_runtime
 
     r = build_runtime(cuda=cuda, cuda_arch=cuda_arch, jobs=jobs, force=force, install=not no_install,
-                      sdist=Path(sdist) if sdist else None, portable=portable)
+                      sdist=Path(sdist) if sdist else None, portable=portable, rpc=rpc)
     how = f"built ({r.files_changed} source files changed)" if r.built else "taken from the cache"
     click.echo(f"llama-cpp-python {r.version} [{r.variant}] {how}: {r.wheel}")
     click.echo("installed" if r.installed else "not installed (--no-install)")
@@ -94,3 +97,49 @@ def amx_summary(amx: dict) -> str:
         return "used: quantized CPU weights go to the AMX buffer type"
     return ("not used: this build's AMX kernels are miscompiled (GCC 12 tile configuration); models load without "
             "extra buffer types (gguf-mtp runtime build fixes it)")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@click.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on. Anything but loopback "
+              "exposes this machine's memory and compute to whoever can reach the port.")
+@click.option("--port", default=50052, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
+@click.option("--threads", "-t", type=click.IntRange(min=1), help="CPU threads for the CPU device.")
+@click.option("--device", "-d", "device", metavar="DEV,...", help="Devices to serve (llama.cpp names, e.g. CUDA0; "
+              "default: every GPU, else the CPU).")
+@click.option("--cache", is_flag=True, help="Cache received tensors on disk (llama.cpp's -c).")
+def rpc_server_cmd(host: str, port: int, threads: int | None, device: str | None, cache: bool) -> None:
+    """Serve this machine's devices to gguf-mtp (generate/chat/serve --rpc HOST:PORT) or llama-server over
+    llama.cpp's RPC protocol, until Ctrl-C.
+
+    The protocol has no authentication and no encryption: whoever reaches the port can read and write this
+    machine's device memory and run graphs on it. It binds to 127.0.0.1 unless --host says otherwise; use another
+    address only on a network you trust (or through an SSH tunnel). The server comes from the runtime built with
+    gguf-mtp runtime build --rpc (the same llama.cpp as the client: the protocol versions must match).
+
+    \b
+    Examples:
+      gguf-mtp rpc-server --port 50052
+      gguf-mtp rpc-server --host 192.168.1.20 --port 50052 --threads 8
+    """
+    import os
+
+    from ..runtime_build import rpc_server_path
+
+    binary = rpc_server_path()
+    if binary is None:
+        raise GgufMtpError("this llama-cpp-python has no rpc-server: build and install the runtime with "
+                           "gguf-mtp runtime build --rpc (or python3 tools/build_runtime.py build --rpc)")
+    if host not in LOOPBACK:
+        click.echo(f"warning: listening on {host}:{port}: llama.cpp's RPC has no authentication; anyone who can "
+                   "reach this port can use this machine's memory and devices. Trusted networks only.", err=True)
+    cmd = [str(binary), "--host", host, "--port", str(port)]
+    cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--device", device] if device else []
+    cmd += ["--cache"] if cache else []
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(binary.parent),
+                                                                          os.environ.get("LD_LIBRARY_PATH")]))}
+    # exec, not a child: signals (Ctrl-C, kill) reach the server itself and nothing is left behind
+    os.execve(binary, cmd, env)

@@ -26,6 +26,7 @@ from ..llama_ext import LLAMA_LOG, LogLine, buffer_types, error_lines, model_par
 from ..llama_ext import llama as backend_init
 from ..runtime_build import write_load_record
 from .bindings import FLASH_ATTN_IDS, KV_TYPE_IDS, Batch, BuftOverrides, llama, llama_ext
+from .devices import Placement, add_rpc_servers, drafter_placement, target_placement
 
 log = logging.getLogger("gguf_mtp.runtime")
 
@@ -75,13 +76,17 @@ class Engine:
         centroids = bool(facts_d and facts_d.centroids) and _runtime_centroids()
         pairing.require_compatible(facts_t, facts_d, runtime_centroids=centroids)
         backend_init()
+        add_rpc_servers(settings.rpc)  # bounded: one clear error naming a host that is down
+        several = bool(settings.devices or settings.tensor_split)
+        placement = target_placement(settings, len(facts_t.layer_layout)) if several else None
         with LLAMA_LOG.capture() as lines:
             overrides = BuftOverrides(settings.effective_overrides())
             for pattern, device in overrides.skipped:
                 log.warning("tensor override %s=%s ignored: this llama.cpp build has no %s device", pattern, device,
                             device)
             buffers: dict[str, list[str]] = {}
-            model = _load_model(target, settings.n_gpu_layers, settings.repack, overrides, lines, buffers)
+            model = _load_model(target, settings.n_gpu_layers, settings.repack, overrides, lines, buffers,
+                                placement)
             eng = cls(target, drafter, settings, k_max, model, 0, buffers=buffers, n_seq=n_seq)
             try:
                 eng.ctx = _new_context(model, _context_params(settings, k_max, n_seq), lines, f"{target}: context")
@@ -98,7 +103,7 @@ class Engine:
     def _attach_drafter(self, path: Path, lines: list[LogLine], allow_missing: bool) -> None:
         try:
             self.draft_model = _load_model(path, -1 if self.settings.drafter_on_gpu else 0, self.settings.repack,
-                                           None, lines, self.buffers)
+                                           None, lines, self.buffers, drafter_placement(self.settings))
             cp = _context_params(self.settings, self.k_max, self.n_seq)
             cp.ctx_type = llama.LLAMA_CONTEXT_TYPE_MTP
             cp.ctx_other = self.ctx
@@ -341,9 +346,11 @@ def _runtime_centroids() -> bool:
 
 # --- llama.cpp parameter structs -------------------------------------------------------------------
 def _load_model(path: Path, n_gpu_layers: int, repack: bool, overrides: BuftOverrides | None, lines: list[LogLine],
-                buffers: dict[str, list[str]]) -> int:
+                buffers: dict[str, list[str]], placement: Placement | None = None) -> int:
     start = len(lines)
     mp = model_params(n_gpu_layers, repack)
+    if placement is not None:  # several devices: their list, tensor_split and n_gpu_layers
+        placement.apply(mp)
     if overrides is not None and overrides.pointer:
         mp.tensor_buft_overrides = overrides.pointer
     model = llama.llama_model_load_from_file(str(path).encode(), mp)
