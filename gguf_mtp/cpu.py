@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,10 +100,11 @@ def tile_config_checks(disassembly: str, window: int = 64) -> list[bool]:
     A correct ``ggml_tile_config_init`` writes palette_id (+0), colsb (+16) and rows (+48) of the 64-byte block
     that ``ldtilecfg`` reads; the GCC 12 miscompilation keeps only the zeroing and the palette store.
     """
-    results, recent = [], []
+    results: list[bool] = []
+    recent: deque[tuple[str, list[str]]] = deque(maxlen=window)
     for line in disassembly.splitlines():
         if line.endswith(">:"):  # a new function
-            recent = []
+            recent.clear()
             continue
         m = _INSN.match(line)
         if not m:
@@ -116,7 +118,7 @@ def tile_config_checks(disassembly: str, window: int = 64) -> list[bool]:
             disp, base = where
             stored = {_mem(o[-1]) for mn, o in recent if mn.startswith(("mov", "vmov")) and o}
             results.append((disp + COLSB_OFFSET, base) in stored and (disp + ROWS_OFFSET, base) in stored)
-        recent = (recent + [(mnem, ops)])[-window:]
+        recent.append((mnem, ops))
     return results
 
 
@@ -174,17 +176,25 @@ class AmxStatus:
     patched: bool  # the runtime carries our amx-tile-config patch
 
     @property
+    def offered(self) -> bool:
+        """llama.cpp offers its AMX buffer type here: AMX CPU, tile state granted, AMX kernels compiled in."""
+        return self.cpu_reports_amx and self.tile_permission is not False and self.library_amx != "absent"
+
+    @property
+    def correct(self) -> bool:
+        """The AMX kernels configure their tiles correctly: our patch, or machine code that keeps the stores."""
+        return self.patched or self.library_amx == "ok"
+
+    @property
     def usable(self) -> bool:
         """AMX kernels will run, and run correctly."""
-        return (self.cpu_reports_amx and self.tile_permission is not False and self.library_amx != "absent"
-                and (self.patched or self.library_amx == "ok"))
+        return self.offered and self.correct
 
     @property
     def extra_bufts_safe(self) -> bool:
         """May models load with llama.cpp's CPU extra buffer types (AMX, CPU_REPACK)? False only where the AMX
         buffer type would be offered and its kernels would crash."""
-        offered = self.cpu_reports_amx and self.tile_permission is not False and self.library_amx != "absent"
-        return not offered or self.patched or self.library_amx == "ok"
+        return not self.offered or self.correct
 
     def to_dict(self) -> dict:
         return {**asdict(self), "usable": self.usable, "extra_bufts_safe": self.extra_bufts_safe}

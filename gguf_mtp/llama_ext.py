@@ -120,10 +120,10 @@ _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=")
 def cpu_amx():  # -> cpu.AmxStatus
     """The AMX facts of this process: the CPU's report, the OS permission, the loaded CPU backend's machine code
     and whether it carries our fix (runtime_build.AMX_TILE_CONFIG). Decided once per process."""
-    from . import cpu, runtime_build
+    from . import runtime_build
 
     llama()
-    return cpu.amx_status(runtime_build.cpu_library(), runtime_build.AMX_TILE_CONFIG in runtime_build.loaded_patches())
+    return runtime_build.loaded_amx_status()
 
 
 @functools.cache

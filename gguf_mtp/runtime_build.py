@@ -619,15 +619,25 @@ def patch_declaration(lib: ctypes.CDLL) -> str | None:
     return (fn() or b"").decode()
 
 
+def _loaded_declaration(lib: ctypes.CDLL) -> tuple[int, tuple[str, ...]] | None:
+    """(series, topics) of a loaded libllama, or None for a stock library."""
+    declared = patch_declaration(lib)
+    return parse_declared(declared) if declared else None
+
+
 def loaded_patches() -> tuple[str, ...]:
     """The patch topics the llama-cpp-python in this process carries (empty: stock, or not installed)."""
     try:
         from llama_cpp import llama_cpp as bindings
     except ImportError:
         return ()
-    declared = patch_declaration(bindings._lib)
-    parsed = parse_declared(declared) if declared else None
+    parsed = _loaded_declaration(bindings._lib)
     return parsed[1] if parsed else ()
+
+
+def loaded_amx_status(flags: frozenset[str] | None = None):  # -> cpu.AmxStatus
+    """cpu.amx_status for the llama-cpp-python in this process: its CPU backend's machine code, our patch in it."""
+    return cpu.amx_status(cpu_library(), AMX_TILE_CONFIG in loaded_patches(), flags)
 
 
 def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
@@ -644,9 +654,7 @@ def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
         return RuntimeInfo(installed=False, **exp)
     lib = bindings._lib
     backends, devices = _devices(lib)
-    declared = patch_declaration(lib)
-    parsed = parse_declared(declared) if declared else None
-    patches = list(parsed[1]) if parsed else []
+    parsed = _loaded_declaration(lib)
     flags = cpu.cpu_flags()
     return RuntimeInfo(
         installed=True,
@@ -656,10 +664,10 @@ def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
         backends=backends,
         devices=devices,
         patch_series=parsed[0] if parsed else None,
-        patches=patches,
+        patches=list(parsed[1]) if parsed else [],
         cpu_flags=cpu.kernel_flags(flags),
         cpu_features=cpu.parse_system_info((bindings.llama_print_system_info() or b"").decode()),
-        amx=cpu.amx_status(cpu_library(), AMX_TILE_CONFIG in patches, flags).to_dict(),
+        amx=loaded_amx_status(flags).to_dict(),
         last_load=read_load_record(),
         **exp,
     )

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from gguf_mtp import cpu, llama_ext, runtime_build
+from upstream import llama_cpp_dir
 
-REPO = Path(__file__).resolve().parent.parent
-SDIST_LLAMA = REPO / ".work" / "sdist" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 MMQ = "ggml/src/ggml-cpu/amx/mmq.cpp"
 
 # objdump -d of GCC 12's ggml_tile_config_init, as measured on the AMX VM (broken) and after the fix (ok)
@@ -134,11 +133,11 @@ def test_load_record_names_the_buffer_types(tiny_q, monkeypatch, tmp_path):
 
 # --- the patch, in machine code -------------------------------------------------------------------------
 
-def _compile_mmq(source: Path, out: Path) -> str:
+def _compile_mmq(lcpp: Path, source: Path, out: Path) -> str:
     """mmq.cpp as a native build compiles it on a Sapphire Rapids CPU (-march=native there), disassembled."""
-    src_dir = SDIST_LLAMA / "ggml" / "src"
+    src_dir = lcpp / "ggml" / "src"
     cmd = ["g++", "-std=c++17", "-O3", "-DNDEBUG", "-fPIC", "-fopenmp", "-DGGML_USE_OPENMP",
-           "-march=sapphirerapids", f"-I{SDIST_LLAMA / 'ggml' / 'include'}", f"-I{src_dir}",
+           "-march=sapphirerapids", f"-I{lcpp / 'ggml' / 'include'}", f"-I{src_dir}",
            f"-I{src_dir / 'ggml-cpu'}", f"-I{src_dir / 'ggml-cpu' / 'amx'}", "-c", str(source), "-o", str(out)]
     subprocess.run(cmd, check=True, capture_output=True)
     return cpu.disassemble(out)
@@ -149,21 +148,21 @@ def _gcc_major() -> int:
     return int(out.split(".")[0]) if out[:1].isdigit() else 0
 
 
-@pytest.mark.skipif(not (SDIST_LLAMA / MMQ).is_file(), reason="needs the sdist (python3 tools/fetch_sdist.py)")
 @pytest.mark.skipif(shutil.which("g++") is None or cpu.objdump() is None, reason="needs g++ and objdump")
 def test_patched_amx_source_keeps_the_tile_configuration_stores(tmp_path):
     """Our series applied to the sdist's mmq.cpp, compiled for an AMX CPU: every ldtilecfg is preceded by the
     colsb and rows stores. On GCC 12 the unpatched file drops them (the crash), so there the check has teeth."""
+    lcpp = llama_cpp_dir()
     tree = tmp_path / "llama.cpp"
     series = runtime_build.load_series()
     for rel in {MMQ} | {f for p in series.patches for f in runtime_build.touched_files(p)}:
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SDIST_LLAMA / rel, tree / rel)
+        shutil.copyfile(lcpp / rel, tree / rel)
     runtime_build.apply_patches(tree, series.patches)
     patched = tmp_path / "mmq-patched.cpp"
     shutil.copyfile(tree / MMQ, patched)
-    checks = cpu.tile_config_checks(_compile_mmq(patched, tmp_path / "patched.o"))
+    checks = cpu.tile_config_checks(_compile_mmq(lcpp, patched, tmp_path / "patched.o"))
     assert checks and all(checks), checks
     if _gcc_major() == 12:
-        stock = cpu.tile_config_checks(_compile_mmq(SDIST_LLAMA / MMQ, tmp_path / "stock.o"))
+        stock = cpu.tile_config_checks(_compile_mmq(lcpp, lcpp / MMQ, tmp_path / "stock.o"))
         assert stock and not any(stock), "GCC 12 kept the stores in the stock file: the check would prove nothing"
