@@ -146,19 +146,18 @@ class Batch:
         ``outputs``: "last", "all", "none", or one flag per row.
         """
         n = len(tokens)
-        pos = np.full(n, pos0, dtype=np.int32) if same_pos else np.arange(pos0, pos0 + n, dtype=np.int32)
-        if isinstance(outputs, str):
-            flags = np.full(n, outputs == "all", dtype=np.int8)
-            if outputs == "last" and n:
-                flags[n - 1] = 1
-            outputs = flags
-        return self.rows(tokens, pos, seq, outputs, embd)
+        pos = pos0 if same_pos else np.arange(pos0, pos0 + n, dtype=np.int32)
+        named = isinstance(outputs, str)
+        b = self.rows(tokens, pos, seq, outputs == "all" if named else outputs, embd)
+        if named and outputs == "last" and n:
+            self.logits[n - 1] = 1  # the struct reads these flags at decode time
+        return b
 
-    def rows(self, tokens: Sequence[int] | np.ndarray, pos: Sequence[int] | np.ndarray,
-             seq: int | Sequence[int] | np.ndarray, outputs: Sequence[bool] | np.ndarray,
+    def rows(self, tokens: Sequence[int] | np.ndarray, pos: int | Sequence[int] | np.ndarray,
+             seq: int | Sequence[int] | np.ndarray, outputs: bool | Sequence[bool] | np.ndarray,
              embd: np.ndarray | None = None) -> llama.llama_batch:
-        """Row i: ``tokens[i]`` at ``pos[i]`` in sequence ``seq[i]`` (or all in ``seq``), an output if
-        ``outputs[i]``, reading ``embd[i]`` when given."""
+        """Row i: ``tokens[i]`` at ``pos[i]`` in sequence ``seq[i]`` (a scalar ``pos`` / ``seq`` / ``outputs``
+        holds for every row), an output if ``outputs[i]``, reading ``embd[i]`` when given."""
         n = len(tokens)
         if n > self.capacity:
             raise ValueError(f"batch of {n} rows exceeds capacity {self.capacity}")

@@ -68,6 +68,12 @@ class MTPDrafter:
         return Draft(out, np.stack(qs) if qs else None)
 
 
+def sampled_drafts(accept: str, sampling: SamplingParams, constrained: bool) -> bool:
+    """Whether drafts must be draws from q (rejection sampling of a sampled target); under a grammar they are
+    the drafter's argmax (grammar.py), and greedy otherwise."""
+    return accept == "rejection" and not sampling.greedy and not constrained
+
+
 def draft_token(logits: np.ndarray, sampling: SamplingParams, sampled: bool, rng: np.random.Generator,
                 steer: Steer | None = None) -> tuple[int | None, np.ndarray | None]:
     """One MTP draft from the drafter's logits: a draw from q (returned, for rejection sampling) when

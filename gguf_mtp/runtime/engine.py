@@ -316,8 +316,7 @@ class Engine:
         that do not continue their sequence's cache).
         """
         n = len(tokens)
-        pos_rows = np.full(n, pos, dtype=np.int32) if isinstance(pos, int) else pos
-        b = self._draft_batch.rows(tokens, pos_rows, 0 if seqs is None else seqs, np.ones(n, np.int8), embd=hidden)
+        b = self._draft_batch.rows(tokens, pos, 0 if seqs is None else seqs, 1, embd=hidden)
         rc = llama.llama_decode(self.draft_ctx, b)
         if rc != 0:
             raise GgufMtpError(f"drafter decode failed (code {rc}) at position {pos}")

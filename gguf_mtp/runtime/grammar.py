@@ -182,7 +182,11 @@ class Grammar:
         for t in tokens:
             if not self.allows([t])[0]:
                 raise GgufMtpError(f"grammar: token {t} does not fit the grammar here")
-            llama.llama_sampler_accept(self._sampler, int(t))
+            self._accept(t)
+
+    def _accept(self, token: int) -> None:
+        """Move past ``token``, already known to be allowed here (``advance`` checks it first)."""
+        llama.llama_sampler_accept(self._sampler, int(token))
 
     def check(self, draft: Draft, stats: Stats | None = None) -> tuple[Draft, Rows]:
         """``draft`` cut before the first token the grammar rejects (counted in ``stats.grammar_cut``), and the
@@ -192,7 +196,7 @@ class Grammar:
             if not states[-1].allows([t])[0]:
                 break
             nxt = states[-1].clone()
-            nxt.advance([t])
+            nxt._accept(t)  # allowed: checked just above
             states.append(nxt)
         n = len(states) - 1
         if stats is not None:
@@ -219,7 +223,7 @@ class Steer:
         if token is None:
             self.stopped = True
             return None
-        llama.llama_sampler_accept(self._state._sampler, token)  # ``best`` allowed it: no second check
+        self._state._accept(token)  # ``best`` allowed it: no second check
         self.stopped = self._state.complete()
         return token
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import GgufMtpError
 from .adaptive import AdaptiveK, FixedK
-from .drafters import Draft, Drafter, DraftRequest, MTPDrafter
+from .drafters import Draft, Drafter, DraftRequest, MTPDrafter, sampled_drafts
 from .engine import Engine
 from .grammar import Grammar
 from .sampling import SamplingParams, accept_drafts, pick
@@ -129,6 +129,7 @@ def speculative_generate(
     stop = StopRule(frozenset(stop_tokens), ignore_eog, engine.is_eog)
     context = list(prompt)
     g = Grammar(engine, grammar, stop.stops) if grammar is not None else None
+    sampled = sampled_drafts(accept, sampling, g is not None)
 
     def _prefill() -> tuple[int, np.ndarray | None]:
         t0 = time.perf_counter()
@@ -143,7 +144,6 @@ def speculative_generate(
     def _draft(y: int, h: np.ndarray | None, k: int) -> Draft:
         if k == 0 or drafter is None:
             return Draft([])
-        sampled = accept == "rejection" and not sampling.greedy and g is None  # grammar.py: argmax drafts
         d = drafter(DraftRequest(context, engine.n_past, h, k, sampling, sampled, rng, g))
         return Draft(list(d.tokens[:k]), d.probs[:k] if d.probs is not None else None)
 

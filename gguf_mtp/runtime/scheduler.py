@@ -68,7 +68,7 @@ import numpy as np
 from ..errors import GgufMtpError
 from .adaptive import BatchAdaptiveK, FixedK, PositionAcceptance
 from .batch_engine import BatchEngine, Part
-from .drafters import Draft, draft_token
+from .drafters import Draft, draft_token, sampled_drafts
 from .grammar import Grammar, Rows, check_grammar
 from .loop import ACCEPT_MODES, Round, StopRule, emit
 from .sampling import SamplingParams, accept_drafts, pick
@@ -241,8 +241,8 @@ class _Seq:
 
     @property
     def sampled_drafts(self) -> bool:
-        req = self.request  # under a grammar, drafts are the drafter's argmax (grammar.py)
-        return req.accept == "rejection" and not req.sampling.greedy and req.grammar is None
+        req = self.request
+        return sampled_drafts(req.accept, req.sampling, req.grammar is not None)
 
 
 class Scheduler:
