@@ -37,9 +37,6 @@ KEEP_SOURCE_TYPE = (
      "centroid head: cluster choice is sensitive, and the tensor is small"),
 )
 
-# tools/quantize records the importance matrix under these keys (kv_overrides of the output)
-IMATRIX_KEYS = keys.IMATRIX_KEYS
-
 # "[  12/  40] blk.1.attn_q.weight   - [  256,   256,     1,     1], type =    f32, ..."
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+),(.*)$")
 _DRY_RUN_TYPE = re.compile(r"->.*\((\w+)\)\s*$")
@@ -276,11 +273,11 @@ def _run(plan: _Plan, out: Path | None, progress: ProgressFn | None) -> tuple[di
         im = plan.imatrix
         keep_alive.append(_imatrix_array(lib, im))
         params.imatrix = keep_alive[-1]
-        kv: dict[str, str | int] = {IMATRIX_KEYS["file"]: str(im.path), IMATRIX_KEYS["entries"]: len(im.entries)}
+        kv: dict[str, str | int] = {keys.IMATRIX_KEYS["file"]: str(im.path), keys.IMATRIX_KEYS["entries"]: len(im.entries)}
         if im.datasets:
-            kv[IMATRIX_KEYS["dataset"]] = im.datasets[0]
+            kv[keys.IMATRIX_KEYS["dataset"]] = im.datasets[0]
         if im.chunk_count > 0:
-            kv[IMATRIX_KEYS["chunks"]] = im.chunk_count
+            kv[keys.IMATRIX_KEYS["chunks"]] = im.chunk_count
         keep_alive.append(_kv_array(lib, kv))
         params.kv_overrides = keep_alive[-1]
     if plan.overrides:

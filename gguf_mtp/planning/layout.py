@@ -44,7 +44,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     type: str
 
-    @property
+    @functools.cached_property  # read for every tensor of every configuration the search prices
     def n_bytes(self) -> int:
         return tensor_bytes(self.type, self.shape)
 
@@ -118,11 +118,6 @@ def text_tensors(v: Variant, role: str, outtype: Q, centroids: bool = False) -> 
     return expected_tensors(text_hparams(v), outtype)
 
 
-def projector_tensors(hp: VisionHparams, outtype: Q) -> list[Expected]:
-    """The projector's tensors as the exporter writes them (optional rows counted as present)."""
-    return projector.expected_projector_tensors(hp, outtype)
-
-
 # --- metadata ---------------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
@@ -163,7 +158,7 @@ def base_layout(v: Variant, role: str, dtype: str | None = None) -> Layout:
     outtype = Q[dtype]
     if role == "mmproj":
         hp = vision_hparams(v)
-        arch, tensors, meta = keys.ARCH_PROJECTOR, projector_tensors(hp, outtype), _projector_metadata(v, hp)
+        arch, tensors, meta = keys.ARCH_PROJECTOR, projector.expected_projector_tensors(hp, outtype), _projector_metadata(v, hp)
     else:
         arch = keys.ARCH_DRAFTER if role == "drafter" else keys.ARCH_TARGET
         tensors, meta = text_tensors(v, role, outtype), _text_metadata(v, role)
@@ -219,7 +214,7 @@ def param_counts(v: Variant) -> dict[str, int]:
         "target_ple": count(target, lambda e: e.name == PLE_TABLE),
         "target_inactive": count(target, _expert_stack) * (moe.experts - moe.top_k) // moe.experts if moe else 0,
         "drafter": count(text_tensors(v, "drafter", Q.BF16, centroids=v.drafter.head.type == "centroid")),
-        "vision": count(projector_tensors(vision_hparams(v), Q.F16)) if v.vision else 0,
+        "vision": count(projector.expected_projector_tensors(vision_hparams(v), Q.F16)) if v.vision else 0,
     }
 
 
@@ -230,6 +225,6 @@ def _expert_stack(e: Expected) -> bool:
 
 __all__ = [
     "BASE_TYPES", "Layout", "ROLES", "TensorSpec", "base_layout", "drafter_hparams", "layout_for",
-    "mix_model", "param_counts", "projector_tensors", "quantized_layout", "stand_in_vocab", "text_hparams",
+    "mix_model", "param_counts", "quantized_layout", "stand_in_vocab", "text_hparams",
     "vision_hparams",
 ]

@@ -167,8 +167,6 @@ def output_buffer_bytes(n_vocab: int, n_outputs: int, n_embd_out: int = 0, n_bat
     return 4 * (n_vocab * n_outputs + (n_embd_out * rows if n_embd_out else 0))
 
 
-
-
 # --- compute buffers --------------------------------------------------------------------------------
 # ggml-alloc packs a graph's intermediate tensors into one buffer per backend, freeing each tensor after its
 # last consumer. The buffer's size is the high-water mark, reached in one of a few phases of a Gemma 4 graph;
@@ -216,8 +214,9 @@ def graph_shape(n_ctx: int, n_batch: int, n_ubatch: int, n_outputs_max: int, cel
 
 # Calibration against llama.cpp's own numbers (tests/test_plan.py, bench/plan_matrix.py): the allocator leaves
 # holes, so a phase needs a little more than the sum of its live tensors. FFN peaks land ~10% above the sum,
-# the logits phase sits above the masks' region when the model has per-layer embeddings; without flash attention one more layer-sized set of rows (a full layer's Q, the
-# residual row and the per-layer-embedding rows) stays allocated under the score matrix.
+# the logits phase sits above the masks' region when the model has per-layer embeddings; without flash attention
+# one more layer-sized set of rows (a full layer's Q, the residual row and the per-layer-embedding rows) stays
+# allocated under the score matrix.
 FFN_SLACK = 1.10
 OUTPUT_SLACK = 1.02
 FIXED_OVERHEAD = 256 * 1024  # token ids, positions, output ids, small norms

@@ -17,6 +17,7 @@ The memory model (numbers from ``memory.py``) follows what llama.cpp does with t
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 import struct
 from collections.abc import Sequence
@@ -81,7 +82,7 @@ class ModelFile:
         """The value of a key template (keys.Keys) for this file's architecture."""
         return self.meta.get(keys.arch_key(template, self.arch), default)
 
-    @property
+    @functools.cached_property
     def weight_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors)
 

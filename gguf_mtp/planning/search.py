@@ -148,8 +148,7 @@ def _fits(files: Files, s: RuntimeSettings, req: Request) -> tuple[bool, Breakdo
         split = _split(files, s, req)
         return split is not None, breakdown(files, split or s, req.image_tokens)
     b = breakdown(files, s, req.image_tokens)
-    ok = b.on(GPU) <= req.vram - req.margin and (req.ram is None or b.on(CPU) <= req.ram)
-    return ok, b
+    return _ok(b, req), b
 
 
 def _ok(b: Breakdown, req: Request) -> bool:
@@ -171,8 +170,8 @@ def _split(files: Files, s: RuntimeSettings, req: Request) -> RuntimeSettings | 
     budgets = req.budgets()
     t = files.target
     n_off = t.n_layer + 1 if s.n_gpu_layers < 0 else min(s.n_gpu_layers, t.n_layer + 1)
+    per_layer = _layer_costs(files, s, req, n_off)
     while names:
-        per_layer = _layer_costs(files, s, req, n_off)
         one = [1] * (len(names) - 1)
         probe = breakdown(files, _with_split(s, names, [*one, max(n_off - len(one), 1)]), req.image_tokens)
         held = [[k] for k in range(len(one))] + [range(len(one), n_off)]  # the probe's layers per device
