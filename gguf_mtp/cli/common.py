@@ -28,16 +28,11 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except GgufMtpError as e:
-            if os.environ.get("GGUF_MTP_DEBUG"):
-                raise
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except OSError as e:  # a file we cannot read or write (disk full, permissions, I/O error): one line too
+        except (GgufMtpError, OSError) as e:  # OSError: a file we cannot read or write (disk full, permissions)
             if os.environ.get("GGUF_MTP_DEBUG"):
                 raise
             click.echo(f"error: {error_message(e)}", err=True)
-            ctx.exit(2)
+            ctx.exit(exit_code(e))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -48,6 +43,11 @@ def error_message(e: GgufMtpError | OSError) -> str:
     if isinstance(e, OSError):
         return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
     return str(e)
+
+
+def exit_code(e: GgufMtpError | OSError) -> int:
+    """The exit status for ``e``: the error's own, 2 for an OSError."""
+    return e.exit_code if isinstance(e, GgufMtpError) else 2
 
 
 def print_json(obj: Any) -> None:

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import click
 
 from ..errors import GgufMtpError
-from .common import (console, decode_options, draft_settings, err_console, error_message, log_to_stderr,
-                     print_table, runtime_options, runtime_settings)
+from .common import (console, decode_options, draft_settings, err_console, error_message, exit_code,
+                     log_to_stderr, print_table, runtime_options, runtime_settings)
 
 
 def _chat_status(s: Any, seconds: float) -> str:
@@ -236,7 +236,7 @@ def _repl(repl: _Repl, stdin: Any, interactive: bool) -> None:
                 return
         except (GgufMtpError, OSError) as e:
             click.echo(f"error: {error_message(e)}", err=True)
-            repl.exit_code = repl.exit_code or getattr(e, "exit_code", 2)
+            repl.exit_code = repl.exit_code or exit_code(e)
         except KeyboardInterrupt:
             click.echo("\n(interrupted)", err=True)
 

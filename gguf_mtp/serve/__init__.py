@@ -3,6 +3,7 @@
 - schema.py: request bodies checked into dataclasses; response objects and OpenAI's error object.
 - prompts.py: messages and prompts into tokens (chat template, thinking, images from data: URLs).
 - text.py: emitted tokens into text (thoughts, stop strings, how each token was produced).
+- tools.py: OpenAI tool calling in Gemma 4's format (tools checked, rendered, calls parsed back).
 - engine_thread.py: requests to the scheduler's engine thread, events back into asyncio.
 - metrics.py: the Prometheus text of ``/metrics``.
 - app.py: the Starlette routes; server.py: uvicorn, binding, signals and graceful shutdown.

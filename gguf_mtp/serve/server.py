@@ -20,8 +20,8 @@ import uvicorn
 from ..errors import GgufMtpError
 from .app import ServerState
 
-SHUTDOWN_MARGIN_S = 5.0
-BACKLOG = 2048  # uvicorn's default  # uvicorn waits this long past the grace period before cancelling connections
+SHUTDOWN_MARGIN_S = 5.0  # uvicorn waits this long past the grace period before cancelling connections
+BACKLOG = 2048  # uvicorn's default
 
 
 def is_loopback(host: str) -> bool:

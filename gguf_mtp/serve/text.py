@@ -9,10 +9,16 @@ it is not; once a stop string appears, what precedes it is the last text and ``s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..runtime.chat import ThoughtSplitter
+
+
+def partial_marker(text: str, markers: Iterable[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of one of ``markers`` (they wait for more)."""
+    return max((k for m in markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
 
 
 @dataclass
@@ -69,7 +75,7 @@ class TextStream:
             if min(hits):
                 self._send(held[:min(hits)], False, out)
             return
-        keep = max((k for s in self.stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        keep = partial_marker(held, self.stops)
         self._held = held[len(held) - keep:] if keep else ""
         if len(held) > keep:
             self._send(held[:len(held) - keep], False, out)

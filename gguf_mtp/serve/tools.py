@@ -29,7 +29,7 @@ from typing import Any
 from ..runtime.chat import special_id
 from ..runtime.chat_template import template_variables
 from .schema import Message, bad, expect
-from .text import Piece
+from .text import Piece, partial_marker
 
 CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 DECL_OPEN, DECL_CLOSE = "<|tool>", "<tool|>"
@@ -344,7 +344,6 @@ class CallStream:
 
     def __init__(self, names: set[str], prefill: str = "") -> None:
         self.names, self.held, self.in_call = names, prefill, bool(prefill)
-        self.sent = ""
 
     def feed(self, piece: Piece) -> Piece | None:
         if piece.thought:
@@ -357,9 +356,8 @@ class CallStream:
         if at >= 0:
             self.in_call, self.held, out = True, text[at:], text[:at]
         else:
-            keep = max((k for k in range(1, len(CALL_OPEN)) if text.endswith(CALL_OPEN[:k])), default=0)
+            keep = partial_marker(text, (CALL_OPEN,))
             self.held, out = text[len(text) - keep:], text[:len(text) - keep]
-        self.sent += out
         return Piece(out, False, piece.draft) if out else None
 
     def finish(self, closed_by_stop: bool) -> tuple[str, list[dict[str, Any]]]:
