@@ -112,6 +112,17 @@ def llama() -> object:
     return lib
 
 
+def ggml_fn(name: str, restype, argtypes: list):
+    """A ggml C function, typed, looked up through libllama's handle: that resolves ggml's symbols in the copies
+    llama.cpp itself uses. (The wheel ships libggml-base.so and .so.0 as two files: opening one by name maps a second
+    copy, with its own device registry and abort callback, that llama.cpp never calls.)"""
+    import llama_cpp.llama_cpp as lib
+
+    f = getattr(lib._lib, name)
+    f.restype, f.argtypes = restype, argtypes
+    return f
+
+
 # --- loading models: the CPU's extra buffer types -------------------------------------------------------
 
 _BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=")

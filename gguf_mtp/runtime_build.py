@@ -59,7 +59,7 @@ AMX_TILE_CONFIG = "amx-tile-config"  # patch topic that fixes the GCC 12 AMX mis
 PORTABLE_ARGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
                  "-DGGML_BMI2=ON")
 
-RPC_ARGS = ("-DGGML_RPC=ON",)  # --rpc: llama.cpp's RPC backend (libggml-rpc) in the runtime
+RPC_ARGS = ("-DGGML_RPC=ON",)  # llama.cpp's RPC backend (libggml-rpc) in the runtime: built unless --no-rpc
 RPC_SERVER = "rpc-server"  # llama.cpp's tools/rpc server, built from the same tree, shipped in llama_cpp/lib/
 
 _PATCH_NAME = re.compile(r"^(\d{4})-([a-z0-9][a-z0-9-]*)\.patch$")
@@ -148,7 +148,7 @@ def cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "gguf-mtp"
 
 
-def variant_name(cuda: bool, cuda_arch: str | None, portable: bool = False, rpc: bool = False) -> str:
+def variant_name(cuda: bool, cuda_arch: str | None, portable: bool = False, rpc: bool = True) -> str:
     """The build directory's name: one persistent build per variant (a portable build must not share a
     build directory with a native one, or each switch would recompile everything)."""
     name = "cpu" if not cuda else "cuda" + ("-" + re.sub(r"[^0-9A-Za-z]+", "-", cuda_arch).strip("-")
@@ -302,7 +302,7 @@ def _locked(cache: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def cmake_args(cuda: bool, cuda_arch: str | None, portable: bool = False, rpc: bool = False) -> list[str]:
+def cmake_args(cuda: bool, cuda_arch: str | None, portable: bool = False, rpc: bool = True) -> list[str]:
     args = (list(PORTABLE_ARGS) if portable else []) + (list(RPC_ARGS) if rpc else [])
     if cuda:
         args.append("-DGGML_CUDA=on")
@@ -312,14 +312,19 @@ def cmake_args(cuda: bool, cuda_arch: str | None, portable: bool = False, rpc: b
     return args + extra
 
 
+def cmake_option(args: Sequence[str], name: str, default: bool) -> bool:
+    """A boolean CMake option as the build will see it: the last -D<name>=... wins (CMAKE_ARGS come last)."""
+    value = default
+    for a in args:
+        m = re.fullmatch(rf"-D{name}(?::BOOL)?=(\S+)", a, flags=re.I)
+        if m:
+            value = m.group(1).upper() in ("ON", "1", "TRUE", "YES", "Y")
+    return value
+
+
 def is_native(args: Sequence[str]) -> bool:
     """Does the build compile for this CPU (-march=native)? ggml's default unless GGML_NATIVE is turned off."""
-    native = True
-    for a in args:
-        m = re.fullmatch(r"-DGGML_NATIVE(?::BOOL)?=(\S+)", a, flags=re.I)
-        if m:
-            native = m.group(1).upper() in ("ON", "1", "TRUE", "YES", "Y")
-    return native
+    return cmake_option(args, "GGML_NATIVE", True)
 
 
 def compiler_identity() -> str:
@@ -485,8 +490,8 @@ def add_to_wheel(wheel: Path, file: Path, arcname: str) -> None:
 
 
 def rpc_server_path() -> Path | None:
-    """The installed runtime's rpc-server (``llama_cpp/lib/rpc-server``, from ``runtime build --rpc``), found
-    without loading libllama; None when the installed runtime was built without it."""
+    """The installed runtime's rpc-server (``llama_cpp/lib/rpc-server``, built unless ``runtime build --no-rpc``),
+    found without loading libllama; None when the installed runtime was built without it."""
     try:
         spec = importlib.util.find_spec("llama_cpp")
     except (ImportError, ValueError):
@@ -507,13 +512,15 @@ def install_wheel(wheel: Path) -> None:
 
 def build_runtime(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False,
                   install: bool = True, sdist: Path | None = None, patch_dir: Path | None = None,
-                  cache: Path | None = None, portable: bool = False, rpc: bool = False) -> BuildResult:
+                  cache: Path | None = None, portable: bool = False, rpc: bool = True) -> BuildResult:
     """Fetch, patch, build (incrementally) and install the runtime; a cached wheel of the same key is reused.
-    ``rpc``: also llama.cpp's RPC backend and its rpc-server, shipped in the wheel (``llama_cpp/lib/rpc-server``)."""
+    ``rpc`` (the default; False: --no-rpc): also llama.cpp's RPC backend and its rpc-server, shipped in the wheel
+    (``llama_cpp/lib/rpc-server``). CMAKE_ARGS=-DGGML_RPC=OFF counts as --no-rpc."""
     series = load_series(patch_dir)
     cache = cache or cache_dir()
-    variant = variant_name(cuda, cuda_arch, portable, rpc)
     args = cmake_args(cuda, cuda_arch, portable, rpc)
+    rpc = cmake_option(args, "GGML_RPC", False)
+    variant = variant_name(cuda, cuda_arch, portable, rpc)
     key = cache_key(series.sha256, args, cpu.cpu_flags(), compiler_identity())
     wheel_dir = cache / "wheels" / f"{variant}-{key}"
     with _locked(cache):
@@ -730,8 +737,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild even if a wheel of this series is cached")
     b.add_argument("--no-install", action="store_true", help="only build the wheel")
     b.add_argument("--sdist", type=Path, help="use this llama-cpp-python 0.3.36 sdist archive (no download)")
-    b.add_argument("--rpc", action="store_true", help="also llama.cpp's RPC backend (-DGGML_RPC=ON) and its "
-                   "rpc-server, for models split over several machines")
+    b.add_argument("--rpc", dest="rpc", action="store_true", default=True, help="llama.cpp's RPC backend "
+                   "(-DGGML_RPC=ON) and its rpc-server, for models split over several machines (the default)")
+    b.add_argument("--no-rpc", dest="rpc", action="store_false", help="a runtime without RPC")
     b.add_argument("--portable", action="store_true", help="no -march=native: an AVX2 baseline that runs on other "
                    "x86-64 CPUs (for a shared cache or a copied wheel)")
     i = sub.add_parser("info", help="which llama-cpp-python is loaded, its backends and our patches in it")

@@ -130,12 +130,47 @@ def test_sync_tree_touches_only_changed_files(tmp_path):
 
 def test_variants_and_cmake_args(monkeypatch):
     monkeypatch.delenv("CMAKE_ARGS", raising=False)
-    assert rb.variant_name(False, None) == "cpu"
-    assert rb.variant_name(True, None) == "cuda"
-    assert rb.variant_name(True, "86;89") == "cuda-86-89"
-    assert rb.cmake_args(True, "86") == ["-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=86"]
+    assert rb.variant_name(False, None, rpc=False) == "cpu"
+    assert rb.variant_name(True, None, rpc=False) == "cuda"
+    assert rb.variant_name(True, "86;89", rpc=False) == "cuda-86-89"
+    assert rb.variant_name(True, "86;89") == "cuda-86-89-rpc"  # RPC by default
+    assert rb.cmake_args(True, "86", rpc=False) == ["-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=86"]
+    assert rb.cmake_args(True, "86") == ["-DGGML_RPC=ON", "-DGGML_CUDA=on", "-DCMAKE_CUDA_ARCHITECTURES=86"]
     monkeypatch.setenv("CMAKE_ARGS", "-DGGML_NATIVE=off")
-    assert rb.cmake_args(False, None) == ["-DGGML_NATIVE=off"]
+    assert rb.cmake_args(False, None, rpc=False) == ["-DGGML_NATIVE=off"]
+
+
+@pytest.mark.parametrize("argv, rpc", [([], True), (["--rpc"], True), (["--no-rpc"], False)])
+def test_rpc_is_built_unless_no_rpc(monkeypatch, argv, rpc):
+    """Both command lines (gguf-mtp runtime build, tools/build_runtime.py) build RPC by default; --rpc stays."""
+    seen = []
+    monkeypatch.setattr(rb, "build_runtime", lambda **k: seen.append(k["rpc"]) or rb.BuildResult(
+        Path("w.whl"), False, False, "v", "cpu", "s"))
+    assert rb.main(["build", *argv]) == 0
+    assert CliRunner().invoke(main, ["runtime", "build", *argv]).exit_code == 0
+    assert seen == [rpc, rpc]
+
+
+def test_cmake_args_can_turn_rpc_off(monkeypatch, tmp_path):
+    """CMAKE_ARGS=-DGGML_RPC=OFF is a build without RPC: its own variant, and no rpc-server step."""
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_RPC=OFF")
+    assert not rb.cmake_option(rb.cmake_args(False, None), "GGML_RPC", False)
+    seen = {}
+
+    def fake_build(src, build_dir, out_dir, args, jobs, log):
+        seen["variant"] = build_dir.name
+        out_dir.mkdir(parents=True)
+        wheel = out_dir / "llama_cpp_python-0.3.36-py3-none-any.whl"
+        wheel.write_bytes(b"")
+        return wheel
+
+    monkeypatch.setattr(rb, "fetch_sdist", lambda cache, sdist: None)
+    monkeypatch.setattr(rb, "prepare_source", lambda *a: 0)
+    monkeypatch.setattr(rb, "build_wheel", fake_build)
+    monkeypatch.setattr(rb, "check_wheel", lambda w: "ok")
+    monkeypatch.setattr(rb, "build_rpc_server", lambda *a: pytest.fail("no rpc-server without GGML_RPC"))
+    r = rb.build_runtime(install=False, cache=tmp_path)
+    assert (r.variant, seen["variant"]) == ("cpu", "cpu")
 
 
 def test_cache_dir(monkeypatch, tmp_path):
@@ -154,8 +189,8 @@ def test_cached_wheel_is_reused_without_building(monkeypatch, tmp_path):
     monkeypatch.setattr(rb, "fetch_sdist", no_build)
     monkeypatch.delenv("CMAKE_ARGS", raising=False)
     series = rb.load_series()
-    key = rb.cache_key(series.sha256, [], rb.cpu.cpu_flags(), rb.compiler_identity())
-    wheel_dir = tmp_path / "wheels" / f"cpu-{key}"
+    key = rb.cache_key(series.sha256, rb.cmake_args(False, None), rb.cpu.cpu_flags(), rb.compiler_identity())
+    wheel_dir = tmp_path / "wheels" / f"{rb.variant_name(False, None)}-{key}"
     wheel_dir.mkdir(parents=True)
     wheel = wheel_dir / f"llama_cpp_python-{series.label}-py3-none-linux_x86_64.whl"
     wheel.write_bytes(b"")
@@ -196,8 +231,8 @@ def test_native_builds_are_recognised(args, native):
 
 def test_portable_variant_and_args(monkeypatch):
     monkeypatch.delenv("CMAKE_ARGS", raising=False)
-    assert rb.variant_name(False, None, portable=True) == "cpu-portable"
-    assert rb.variant_name(True, "86", portable=True) == "cuda-86-portable"
+    assert rb.variant_name(False, None, portable=True, rpc=False) == "cpu-portable"
+    assert rb.variant_name(True, "86", portable=True, rpc=False) == "cuda-86-portable"
     args = rb.cmake_args(False, None, portable=True)
     assert "-DGGML_NATIVE=OFF" in args and "-DGGML_AVX2=ON" in args
     monkeypatch.setenv("CMAKE_ARGS", "-DGGML_AVX512=ON")

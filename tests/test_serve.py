@@ -38,7 +38,8 @@ from gguf_mtp.runtime.chat import STOP_TEXTS, ThoughtSplitter, special_id
 from gguf_mtp.runtime.chat_template import prompt_tokens
 from gguf_mtp.runtime.loop import generate
 from gguf_mtp.serve import EngineThread, ServeConfig, create_app
-from gguf_mtp.serve.server import bind, is_loopback, make_server
+from gguf_mtp.runtime.devices import is_loopback
+from gguf_mtp.serve.server import bind, make_server
 
 MODEL, KEY = "tiny-e", "test-key"
 FAMILY = "tiny-e"

@@ -5,7 +5,7 @@ Same as ``gguf-mtp runtime build`` / ``gguf-mtp runtime info`` but needs only Py
 (CMake, a C++17 compiler; CUDA toolkit for --cuda): it loads gguf_mtp/runtime_build.py by path, so the README
 set-up can build the patched runtime first and ``pip install -e .`` then accepts it (one compile, not two).
 
-    python3 tools/build_runtime.py build [--cuda] [--cuda-arch 86] [--rpc] [--jobs N] [--force] [--no-install]
+    python3 tools/build_runtime.py build [--cuda] [--cuda-arch 86] [--no-rpc] [--jobs N] [--force] [--no-install]
     python3 tools/build_runtime.py info [--json]
 """
 

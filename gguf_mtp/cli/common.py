@@ -105,7 +105,7 @@ def runtime_options(f: Any) -> Any:
                      help="Repack CPU weights for the CPU's fast kernels (AMX, AVX-512); on by default."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads."),
         click.option("--rpc", "rpc", metavar="HOST:PORT,...", help="llama.cpp rpc-servers to add as devices "
-                     "(gguf-mtp rpc-server; needs a runtime built with --rpc). Unauthenticated: trusted hosts only."),
+                     "(gguf-mtp rpc-server; not in a runtime built with --no-rpc). Unauthenticated: trusted hosts only."),
         click.option("-dev", "--device", "device", metavar="DEV,...", help="Devices in split order (llama.cpp "
                      "names: CPU first if any, then CUDA0, RPC0 or RPC[HOST:PORT], ...)."),
         click.option("-ts", "--tensor-split", "tensor_split", metavar="P,...", help="Share of the layers per "

@@ -25,8 +25,8 @@ def runtime_group() -> None:
               "archive instead of downloading it.")
 @click.option("--portable", is_flag=True, help="No -march=native: an AVX2 baseline that runs on other x86-64 CPUs "
               "(a shared cache, a wheel copied to other machines).")
-@click.option("--rpc", is_flag=True, help="Also llama.cpp's RPC backend (-DGGML_RPC=ON) and its rpc-server (gguf-mtp "
-              "rpc-server), to split models over several machines.")
+@click.option("--rpc/--no-rpc", default=True, show_default=True, help="llama.cpp's RPC backend (-DGGML_RPC=ON) and "
+              "its rpc-server (gguf-mtp rpc-server), to split models over several machines.")
 def runtime_build_cmd(cuda: bool, cuda_arch: str | None, jobs: int | None, force: bool, no_install: bool,
                       sdist: str | None, portable: bool, rpc: bool) -> None:
     """Build llama-cpp-python 0.3.36 with our llama.cpp patches and install it as 0.3.36+gguf_mtp.N.
@@ -34,7 +34,7 @@ def runtime_build_cmd(cuda: bool, cuda_arch: str | None, jobs: int | None, force
     The sdist is downloaded once; the build directory and the wheels live in the cache ($GGUF_MTP_CACHE, default
     ~/.cache/gguf-mtp), so a changed patch recompiles only what it touches and an unchanged build reinstalls the
     cached wheel. A cached wheel is reused only for the same patch series, CMake arguments (CMAKE_ARGS, CUDA
-    architectures, --portable), compiler and, for a native build, the same CPU features. The compiler's output goes
+    architectures, --portable, --no-rpc), compiler and, for a native build, the same CPU features. The compiler's output goes
     to the cache's log; the terminal shows one progress line. Before gguf-mtp is installed, python3
     tools/build_runtime.py does the same.
 
@@ -43,7 +43,7 @@ def runtime_build_cmd(cuda: bool, cuda_arch: str | None, jobs: int | None, force
       gguf-mtp runtime build --jobs 4
       gguf-mtp runtime build --cuda --cuda-arch 86
       gguf-mtp runtime build --portable
-      gguf-mtp runtime build --rpc        # then: gguf-mtp rpc-server, generate --rpc HOST:PORT
+      gguf-mtp runtime build --no-rpc     # without llama.cpp's RPC backend and rpc-server
     """
     from pathlib import Path
 
@@ -99,9 +99,6 @@ def amx_summary(amx: dict) -> str:
             "extra buffer types (gguf-mtp runtime build fixes it)")
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 @click.command("rpc-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on. Anything but loopback "
               "exposes this machine's memory and compute to whoever can reach the port.")
@@ -117,7 +114,7 @@ def rpc_server_cmd(host: str, port: int, threads: int | None, device: str | None
     The protocol has no authentication and no encryption: whoever reaches the port can read and write this
     machine's device memory and run graphs on it. It binds to 127.0.0.1 unless --host says otherwise; use another
     address only on a network you trust (or through an SSH tunnel). The server comes from the runtime built with
-    gguf-mtp runtime build --rpc (the same llama.cpp as the client: the protocol versions must match).
+    gguf-mtp runtime build (the same llama.cpp as the client: the protocol versions must match).
 
     \b
     Examples:
@@ -131,8 +128,10 @@ def rpc_server_cmd(host: str, port: int, threads: int | None, device: str | None
     binary = rpc_server_path()
     if binary is None:
         raise GgufMtpError("this llama-cpp-python has no rpc-server: build and install the runtime with "
-                           "gguf-mtp runtime build --rpc (or python3 tools/build_runtime.py build --rpc)")
-    if host not in LOOPBACK:
+                           "gguf-mtp runtime build, without --no-rpc (or python3 tools/build_runtime.py build)")
+    from ..runtime.devices import is_loopback
+
+    if not is_loopback(host):
         click.echo(f"warning: listening on {host}:{port}: llama.cpp's RPC has no authentication; anyone who can "
                    "reach this port can use this machine's memory and devices. Trusted networks only.", err=True)
     cmd = [str(binary), "--host", host, "--port", str(port)]

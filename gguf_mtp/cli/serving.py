@@ -21,7 +21,7 @@ def _say(line: str) -> None:
 @click.command("serve")
 @click.option("--target", required=True, type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
 @click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
-@click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip), for images.")
+@click.option("--mmproj", type=click.Path(dir_okay=False), help="Projector GGUF (clip), for images and audio.")
 @click.option("--parallel", "-np", type=click.IntRange(1, 256),
               help=f"Sequences decoded together (slots); each gets --ctx / N positions. Default: the plan's "
                    f"(plan --parallel N), else {DEFAULT_PARALLEL}.")
@@ -42,7 +42,7 @@ def _say(line: str) -> None:
 def serve_http_cmd(target, drafter, mmproj, parallel, host, port, api_key, model_name, max_queue, grace, think, temp,
                    top_k, top_p, min_p, seed, accept, draft_max, adaptive, draft_cap, allow_no_drafter, verbose,
                    **runtime) -> None:
-    """Serve TARGET (+ MTP DRAFTER, + vision projector) over an OpenAI-compatible HTTP API.
+    """Serve TARGET (+ MTP DRAFTER, + projector for images and audio) over an OpenAI-compatible HTTP API.
 
     Endpoints: GET /v1/models, POST /v1/chat/completions (streamed or not), POST /v1/completions, GET /health,
     GET /metrics (Prometheus). --parallel N requests are decoded together, drafted and verified in one batch;
@@ -57,7 +57,8 @@ def serve_http_cmd(target, drafter, mmproj, parallel, host, port, api_key, model
     """
     from ..runtime.sampling import SamplingParams
     from ..serve import EngineThread, ServeConfig, create_app
-    from ..serve.server import bind, is_loopback, make_server, quiet_sigterm
+    from ..runtime.devices import is_loopback
+    from ..serve.server import bind, make_server, quiet_sigterm
 
     draft = draft_settings(draft_max, adaptive, draft_cap)
     settings = runtime_settings(**runtime, draft=draft)

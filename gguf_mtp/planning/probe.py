@@ -17,10 +17,9 @@ import ctypes
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import GgufMtpError
-from ..llama_ext import LLAMA_LOG, cpu_amx, llama, model_params
+from ..llama_ext import LLAMA_LOG, cpu_amx, ggml_fn, llama, model_params
 
 LOAD_MODE_NONE = 0
 CTX_TYPE_MTP_NAME = "LLAMA_CONTEXT_TYPE_MTP"
@@ -42,25 +41,10 @@ class _Node(ctypes.Structure):
                 ("model", ctypes.c_size_t), ("context", ctypes.c_size_t), ("compute", ctypes.c_size_t)]
 
 
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    import llama_cpp
-
-    lib = llama_cpp.llama_cpp._lib
-    base_dir = Path(llama_cpp.__file__).parent / "lib"
-    candidates = sorted(base_dir.glob("libggml-base.*")) if base_dir.is_dir() else []
-    ggml_base = ctypes.CDLL(str(candidates[0])) if candidates else lib
-    return lib, ggml_base
-
-
 def memory_breakdown(ctx: ctypes.c_void_p) -> dict[str, dict[str, int]]:
     """buffer-type name -> {"model", "context", "compute"} bytes, as llama.cpp accounts them."""
-    lib, ggml_base = _libs()
-    fn = getattr(lib, "_Z26llama_get_memory_breakdownPK13llama_context")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_void_p
-    name_fn = ggml_base.ggml_backend_buft_name
-    name_fn.argtypes = [ctypes.c_void_p]
-    name_fn.restype = ctypes.c_char_p
+    fn = ggml_fn("_Z26llama_get_memory_breakdownPK13llama_context", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p])
+    name_fn = ggml_fn("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p])
     head = _MapHeader()
     fn(ctypes.addressof(head), ctx)
     out: dict[str, dict[str, int]] = {}
@@ -146,10 +130,13 @@ def _ctx_params(shape: ContextShape):  # -> llama_context_params
     return p
 
 
-def _load(path: str | os.PathLike, n_gpu_layers: int, overrides=None, alloc: bool = False, repack: bool = True):
+def _load(path: str | os.PathLike, n_gpu_layers: int, overrides=None, alloc: bool = False, repack: bool = True,
+          devices=None):
     import llama_cpp
 
     mp = model_params(n_gpu_layers, repack)
+    if devices is not None:  # runtime.devices.Placement: several devices, as the engine loads them
+        devices.apply(mp)
     mp.no_alloc = not alloc
     if not alloc:
         mp.load_mode = LOAD_MODE_NONE  # no_alloc under mmap aborts the process (GGML_ASSERT(!ml.no_alloc))
@@ -164,13 +151,15 @@ def _load(path: str | os.PathLike, n_gpu_layers: int, overrides=None, alloc: boo
 def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafter: str | os.PathLike | None = None,
             drafter_shape: ContextShape | None = None, n_gpu_layers: int = -1,
             overrides: list[tuple[str, str]] | None = None, drafter_n_gpu_layers: int | None = None,
-            alloc: bool = False, repack: bool = True) -> Measurement:
+            alloc: bool = False, repack: bool = True, target_devices=None, drafter_devices=None) -> Measurement:
     """llama.cpp's own accounting for target (+ drafter MTP context), with nothing allocated or read.
 
     ``overrides``: (pattern, "CPU"|"GPU") tensor buffer-type overrides (``-ot``; ``n_cpu_moe`` expands to these).
     ``repack``: allow the CPU's extra buffer types (llama-server --no-repack turns them off).
     ``alloc``: really allocate (on a GPU machine, to compare with the device's free memory; the skeleton's
     sparse data reads as zeros).
+    ``target_devices`` / ``drafter_devices``: ``runtime.devices.Placement`` (devices, tensor_split, n_gpu_layers)
+    for a load over several devices, RPC servers included; they replace ``n_gpu_layers``.
     """
     import llama_cpp
 
@@ -184,7 +173,7 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
     free0 = device_memory()[gpus[0]][0] if gpus else None
     try:
         with LLAMA_LOG.capture() as log:
-            tm = _load(target, n_gpu_layers, ovr, alloc, repack)
+            tm = _load(target, n_gpu_layers, ovr, alloc, repack, target_devices)
             models.append(tm)
             tctx = llama_cpp.llama_init_from_model(tm, _ctx_params(shape))
             if not tctx:
@@ -195,7 +184,7 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
         if drafter is not None:
             with LLAMA_LOG.capture() as dlog:
                 dm = _load(drafter, n_gpu_layers if drafter_n_gpu_layers is None else drafter_n_gpu_layers,
-                           None, alloc, repack)
+                           None, alloc, repack, drafter_devices)
                 models.append(dm)
                 dp = _ctx_params(drafter_shape or shape)
                 dp.n_ctx = llama_cpp.llama_n_ctx(tctx)
@@ -219,21 +208,17 @@ def measure(target: str | os.PathLike, shape: ContextShape | None = None, drafte
 def device_memory() -> dict[str, tuple[int, int]]:
     """Free and total bytes of every backend device (ggml_backend_dev_memory): the GPU's ground truth."""
     llama()
-    lib, ggml_base = _libs()
-    import llama_cpp
-
-    ggml = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml.so*"))))
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.restype, ggml.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    ggml_base.ggml_backend_dev_name.restype, ggml_base.ggml_backend_dev_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    ggml_base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                                  ctypes.POINTER(ctypes.c_size_t)]
+    size_p = ctypes.POINTER(ctypes.c_size_t)
+    count = ggml_fn("ggml_backend_dev_count", ctypes.c_size_t, [])
+    get = ggml_fn("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
+    name = ggml_fn("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
+    memory = ggml_fn("ggml_backend_dev_memory", None, [ctypes.c_void_p, size_p, size_p])
     out = {}
-    for i in range(ggml.ggml_backend_dev_count()):
-        dev = ggml.ggml_backend_dev_get(i)
+    for i in range(count()):
+        dev = get(i)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        ggml_base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out[ggml_base.ggml_backend_dev_name(dev).decode()] = (free.value, total.value)
+        memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out[name(dev).decode()] = (free.value, total.value)
     return out
 
 
@@ -265,10 +250,7 @@ def projector_usage(mmproj: str | os.PathLike, flash_attn: str = "auto", image_m
     fn = getattr(lib, "_Z21mtmd_get_memory_usagePKc19mtmd_context_params")
     fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p, mtmd_cpp.mtmd_context_params]
     fn.restype = ctypes.c_void_p
-    _, ggml_base = _libs()
-    dev_name = ggml_base.ggml_backend_dev_name
-    dev_name.argtypes = [ctypes.c_void_p]
-    dev_name.restype = ctypes.c_char_p
+    dev_name = ggml_fn("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
     params = mtmd_cpp.mtmd_context_params_default()
     params.use_gpu = True
     params.warmup = True
@@ -320,16 +302,8 @@ def compare_with_llama(target: str | os.PathLike, drafter: str | os.PathLike | N
     s = (settings or RuntimeSettings()).replace(n_gpu_layers=0, drafter_on_gpu=False, mmproj_on_gpu=False)
     files = planner.files_from_paths(target, drafter, mmproj)
     b = planner.breakdown(files, s, image_tokens, cpu_amx=cpu_amx().usable)
-    shapes = planner.context_shapes(s, drafter is not None)
-
-    def shape(role: str) -> ContextShape:
-        c = shapes[role]
-        return ContextShape(n_ctx=c["n_ctx"], n_batch=c["n_batch"], n_ubatch=c["n_ubatch"], n_seq_max=c["n_seq_max"],
-                            n_outputs_max=c["n_outputs_max"], type_k=s.cache_type_k, type_v=s.cache_type_v,
-                            flash_attn=s.flash_attn, swa_full=s.swa_full, kv_unified=c["kv_unified"])
-
-    m = measure(target, shape("target"), drafter, shape("drafter") if drafter else None, n_gpu_layers=0,
-                repack=s.repack)
+    shapes = _shapes(s, drafter is not None)
+    m = measure(target, shapes["target"], drafter, shapes.get("drafter"), n_gpu_layers=0, repack=s.repack)
     pick = lambda prefix: sum(n for (_, c), n in b.items.items() if c.startswith(prefix))  # noqa: E731
     out = [
         Agreement("target weights", pick("target layers") + pick("target embeddings") + pick("target output head")
@@ -352,5 +326,80 @@ def compare_with_llama(target: str | os.PathLike, drafter: str | os.PathLike | N
     return out
 
 
-__all__ = ["Agreement", "ContextShape", "Measurement", "Usage", "compare_with_llama", "device_memory", "measure",
-           "memory_breakdown", "model_buffers", "projector_usage"]
+def _shapes(s, drafter: bool) -> dict[str, ContextShape]:
+    """Both contexts as the engine shapes them for these settings (placement.context_shapes)."""
+    from . import placement as planner
+
+    return {role: ContextShape(n_ctx=c["n_ctx"], n_batch=c["n_batch"], n_ubatch=c["n_ubatch"],
+                               n_seq_max=c["n_seq_max"], n_outputs_max=c["n_outputs_max"], type_k=s.cache_type_k,
+                               type_v=s.cache_type_v, flash_attn=s.flash_attn, swa_full=s.swa_full,
+                               kv_unified=c["kv_unified"])
+            for role, c in planner.context_shapes(s, drafter).items()}
+
+
+# --- per device: the planner's split next to llama.cpp's own per-device allocation ------------------------
+
+# what the planner's components are, by the breakdown's kind (model / context / compute); anything else (the host
+# output buffers) is not in llama.cpp's memory breakdown
+_KINDS = {"model": ("layers", "embeddings (input)", "output head", "offloaded tensors"),
+          "context": ("KV cache",), "compute": ("compute buffer",)}
+_KIND_NAMES = {"model": "weights", "context": "KV cache", "compute": "compute"}
+
+
+def buft_device(buft: str, names: list[str]) -> str:
+    """The plan's device name for one of llama.cpp's buffer types: CPU and host buffers are "CPU"; an RPC
+    buffer ("RPC0[host:port]") is the plan's device of that endpoint ("RPC1", "RPC[host:port]", ...)."""
+    rpc = re.fullmatch(r"RPC\d*\[(.+)\]", buft)
+    if rpc:
+        return next((n for n in names if n.endswith(f"[{rpc.group(1)}]")), buft)
+    if buft.startswith("CPU") or buft.endswith("_Host"):
+        return "CPU"
+    return buft
+
+
+def _planned(b, role: str, kind: str, device: str) -> int:
+    parts = _KINDS[kind]
+    return sum(n for (d, c), n in b.items.items() if d == device and (
+        c.startswith("KV cache") if kind == "context" and role == "target" else
+        c.startswith(f"{role} ") and c[len(role) + 1:].startswith(parts)))
+
+
+def compare_devices(target: str | os.PathLike, drafter: str | os.PathLike | None, settings) -> list[Agreement]:
+    """Per device, per model: the planner's weights, KV and compute bytes next to llama.cpp's no_alloc accounting
+    of a load over the same devices, made as the engine makes it (runtime.devices: RPC servers added, the target's
+    layer split, the drafter on its device). ``settings.devices`` name the plan's devices (``RPC[host:port]`` for a
+    server, so the names do not depend on the order they were added), without "CPU": the layers
+    ``n_gpu_layers`` leaves out stay on the CPU. Adds the RPC servers to this process for good (run it in a process
+    of its own)."""
+    from . import placement as planner
+    from ..runtime import devices as rdev
+
+    s = settings
+    files = planner.files_from_paths(target, drafter)
+    b = planner.breakdown(files, s, cpu_amx=cpu_amx().usable)
+    rdev.add_rpc_servers(s.rpc)
+    shapes = _shapes(s, drafter is not None)
+    m = measure(target, shapes["target"], drafter, shapes.get("drafter"), repack=s.repack,
+                target_devices=rdev.target_placement(s, files.target.n_layer),
+                drafter_devices=rdev.drafter_placement(s) if drafter is not None else None)
+    names = ["CPU", *[n for n in s.devices if n != "CPU"]]
+    out = []
+    for role, usage in (("target", m.target), ("drafter", m.drafter)):
+        if usage is None:
+            continue
+        measured: dict[tuple[str, str], int] = {}
+        for buft, acc in usage.breakdown.items():
+            for kind, n in acc.items():
+                key = (buft_device(buft, names), kind)
+                measured[key] = measured.get(key, 0) + n
+        for dev in names:
+            for kind in _KINDS:
+                planned = _planned(b, role, kind, dev) if not (role == "drafter" and kind == "context") else 0
+                got = measured.get((dev, kind), 0)
+                if planned or got:
+                    out.append(Agreement(f"{role} {_KIND_NAMES[kind]} on {dev}", planned, got))
+    return out
+
+
+__all__ = ["Agreement", "ContextShape", "Measurement", "Usage", "buft_device", "compare_devices", "compare_with_llama",
+           "device_memory", "measure", "memory_breakdown", "model_buffers", "projector_usage"]

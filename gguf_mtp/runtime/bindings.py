@@ -12,15 +12,14 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 import llama_cpp.llama_cpp as llama
 import llama_cpp.llama_cpp_ext as llama_ext  # noqa: F401  (re-exported for engine.py)
-from llama_cpp._ctypes_extensions import load_shared_library
 
 from ..errors import GgufMtpError
+from ..llama_ext import ggml_fn
 
 log = logging.getLogger("gguf_mtp.llama")
 
@@ -42,41 +41,20 @@ class TensorBuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def _lib_dir() -> Path:
-    return Path(llama.__file__).parent / "lib"
-
-
-_ggml_libs: dict[str, ctypes.CDLL] = {}
-
-
-def _ggml(name: str) -> ctypes.CDLL:
-    if name not in _ggml_libs:
-        _ggml_libs[name] = load_shared_library(name, _lib_dir())
-    return _ggml_libs[name]
-
-
 def cpu_buffer_type() -> int:
-    fn = _ggml("ggml-base").ggml_backend_cpu_buffer_type
-    fn.restype, fn.argtypes = ctypes.c_void_p, []
-    return fn()
+    return ggml_fn("ggml_backend_cpu_buffer_type", ctypes.c_void_p, [])()
 
 
 def gpu_buffer_type() -> int | None:
     """The first GPU device's buffer type, or None on a CPU-only build."""
-    lib = _ggml("ggml")
-    lib.ggml_backend_dev_by_type.restype, lib.ggml_backend_dev_by_type.argtypes = ctypes.c_void_p, [ctypes.c_int]
-    dev = lib.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)
+    dev = ggml_fn("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int])(GGML_BACKEND_DEVICE_TYPE_GPU)
     if not dev:
         return None
-    fn = _ggml("ggml-base").ggml_backend_dev_buffer_type
-    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-    return fn(dev)
+    return ggml_fn("ggml_backend_dev_buffer_type", ctypes.c_void_p, [ctypes.c_void_p])(dev)
 
 
 def buffer_type_name(buft: int) -> str:
-    fn = _ggml("ggml-base").ggml_backend_buft_name
-    fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    return fn(buft).decode()
+    return ggml_fn("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p])(buft).decode()
 
 
 class BuftOverrides:

@@ -11,27 +11,38 @@ Failure, bounded: before llama.cpp connects (its connect and handshake have no t
 failure) each host is reached with a Python socket under a timeout, and the handshake runs in a thread that is
 given the same time. During generation a dead server makes llama.cpp abort (``GGML_ABORT``: "Remote RPC server
 crashed"); ggml's abort callback then prints one ``error:`` line naming the host (the one that no longer accepts
-connections) and exits with ``RPC_EXIT_CODE`` instead of a core dump. A server that hangs without closing its
-socket is not detected (llama.cpp reads without a timeout).
+connections) and exits with ``RPC_EXIT_CODE`` instead of a core dump. A server that hangs with its socket open
+(stopped, swapping, a dead link without a reset) would block llama.cpp's reads for ever (its sockets have no
+timeout): a watchdog thread watches llama.cpp's RPC threads (Linux ``/proc``), and one that sits in the same read
+or write on a server's socket for ``STALL_S`` seconds ends the run the same way, naming that server.
+
+ggml's symbols are taken through libllama's handle: the wheel ships ``libggml*.so`` and ``libggml*.so.0`` as
+separate files, and loading the unversioned name maps a second copy, with its own device registry and abort
+callback, that llama.cpp never uses.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
+import platform
 import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
-from .bindings import _ggml
+from ..llama_ext import ggml_fn
 
 RPC_TIMEOUT_S = 5.0  # connect + handshake per server
-RPC_EXIT_CODE = 3  # the process' exit status when an RPC server dies mid-run
+RPC_EXIT_CODE = 3  # the process' exit status when an RPC server dies or stalls mid-run
+STALL_S = 120.0  # one read/write on a server's socket longer than this ends the run (a long prefill on a slow host
+# is one compute round trip: this must exceed it)
 REMEDY = "start it with: gguf-mtp rpc-server --host HOST --port PORT (on that machine)"
 
 _added: dict[str, list[str]] = {}  # endpoint -> the device names its registry got (added once per process)
@@ -42,10 +53,16 @@ class RpcError(GgufMtpError):
     """An RPC server is unreachable, refuses, or is not an rpc-server of this runtime."""
 
 
-def _fn(lib: str, name: str, restype, argtypes):
-    f = getattr(_ggml(lib), name)
-    f.restype, f.argtypes = restype, argtypes
-    return f
+
+
+def is_loopback(host: str) -> bool:
+    """Does an address stay on this machine? (servers bind there unless told otherwise: no authentication)"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -71,13 +88,13 @@ def add_rpc_servers(endpoints: Sequence[str], timeout: float = RPC_TIMEOUT_S) ->
     """Register each server's devices with ggml (once per process per endpoint); their names, in order."""
     if not endpoints:
         return []
-    get_reg = _fn("ggml", "ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
+    get_reg = ggml_fn("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
     reg = get_reg(b"RPC")
     if not reg:
-        raise RpcError("this llama-cpp-python has no RPC backend (rebuild it: gguf-mtp runtime build --rpc)")
-    proc = _fn("ggml-base", "ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p])
+        raise RpcError("this llama-cpp-python has no RPC backend (rebuild it without --no-rpc: gguf-mtp runtime build)")
+    proc = ggml_fn("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p])
     add = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(proc(reg, b"ggml_backend_rpc_add_server"))
-    register = _fn("ggml", "ggml_backend_register", None, [ctypes.c_void_p])
+    register = ggml_fn("ggml_backend_register", None, [ctypes.c_void_p])
     watch_aborts(endpoints)
     names = []
     with _lock:
@@ -111,10 +128,10 @@ def _add_one(endpoint: str, add, register, timeout: float) -> list[str]:
 
 # --- devices --------------------------------------------------------------------------------------
 def _devices() -> list[tuple[int, str, str]]:
-    count = _fn("ggml", "ggml_backend_dev_count", ctypes.c_size_t, [])
-    get = _fn("ggml", "ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
-    name = _fn("ggml-base", "ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
-    desc = _fn("ggml-base", "ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p])
+    count = ggml_fn("ggml_backend_dev_count", ctypes.c_size_t, [])
+    get = ggml_fn("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
+    name = ggml_fn("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p])
+    desc = ggml_fn("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p])
     out = []
     for i in range(count()):
         d = get(i)
@@ -199,9 +216,25 @@ def drafter_placement(s: RuntimeSettings) -> Placement | None:
     return Placement(-1, device_handles(names), [1.0 if n == where else 0.0 for n in names])
 
 
-# --- a server dying mid-run ------------------------------------------------------------------------
+# --- a server dying or stalling mid-run ------------------------------------------------------------
 _watched: list[str] = []
 _abort_cb = None  # the ctypes callback must outlive the process' use of it
+_watchdog: threading.Thread | None = None
+
+# read, write, sendto, recvfrom, sendmsg, recvmsg: the calls whose first argument is the socket llama.cpp's RPC
+# dispatcher thread waits on (by machine: Linux syscall numbers differ per architecture)
+_IO_SYSCALLS = {"x86_64": {0, 1, 44, 45, 46, 47}, "aarch64": {63, 64, 206, 207, 211, 212}}
+
+
+def stop_run(hosts: Sequence[str], what: str) -> None:
+    """The one error line for a lost server, then exit: llama.cpp cannot continue a graph a server never
+    finished, and its threads may hold locks, so nothing else (no output, no cleanup in C) runs after this."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: RPC server {', '.join(hosts)} {what}; the run was stopped\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(RPC_EXIT_CODE)
 
 
 def _on_abort(message: bytes | None) -> None:
@@ -212,22 +245,105 @@ def _on_abort(message: bytes | None) -> None:
             sys.stderr.write(f"llama.cpp aborted: {text}\n")
             return  # ggml calls abort() next
         hosts = [ep for ep in _watched if ep in text] or [ep for ep in _watched if reachable(ep, 1.0)] or _watched
-        sys.stdout.flush()
-        sys.stderr.write(f"error: RPC server {', '.join(hosts)} stopped answering (llama.cpp: {text}); "
-                         f"the run was stopped\n")
-        sys.stderr.flush()
+        stop_run(hosts, f"stopped answering (llama.cpp: {text})")
     except BaseException:  # noqa: BLE001 - nothing may cross back into C; exiting is all that is left
-        pass
-    os._exit(RPC_EXIT_CODE)
+        os._exit(RPC_EXIT_CODE)
 
 
 def watch_aborts(endpoints: Sequence[str]) -> None:
-    """Install ggml's abort callback (once) and remember which endpoints to name."""
-    global _abort_cb
+    """Install ggml's abort callback and the stall watchdog (once each); remember which endpoints to name."""
+    global _abort_cb, _watchdog
     for ep in endpoints:
         if ep.strip() not in _watched:
             _watched.append(ep.strip())
     if _abort_cb is None:
         proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
         _abort_cb = proto(_on_abort)
-        _fn("ggml-base", "ggml_set_abort_callback", ctypes.c_void_p, [proto])(_abort_cb)
+        ggml_fn("ggml_set_abort_callback", ctypes.c_void_p, [proto])(_abort_cb)
+    if _watchdog is None and platform.machine() in _IO_SYSCALLS and os.path.isdir("/proc/self/task"):
+        _watchdog = threading.Thread(target=_watch_stalls, daemon=True, name="rpc-watchdog")
+        _watchdog.start()
+
+
+def _addresses(endpoint: str) -> set[tuple[str, int]]:
+    host, port = split_endpoint(endpoint)
+    try:
+        return {(ai[4][0], port) for ai in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return set()
+
+
+def _hex_address(field_: str) -> tuple[str, int]:
+    """/proc/net/tcp{,6}'s "0100007F:C350": the address in 32-bit words of host byte order (little-endian)."""
+    addr, port = field_.split(":")
+    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))
+    ip = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]
+    return ip, int(port, 16)
+
+
+def rpc_sockets(endpoints: Sequence[str]) -> dict[str, str]:
+    """{socket inode: endpoint} for this process' established TCP connections to the endpoints (Linux)."""
+    want = {a: ep for ep in endpoints for a in _addresses(ep)}
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "01":  # ESTABLISHED
+                ep = want.get(_hex_address(f[2]))
+                if ep:
+                    found[f[9]] = ep
+    return found
+
+
+def _blocked_on(tid: str, inodes: dict[str, str], io: set[int]) -> tuple[str, str] | None:
+    """(endpoint, a fingerprint of the wait) when thread ``tid`` sits in a read/write on a server's socket."""
+    try:
+        call = open(f"/proc/self/task/{tid}/syscall").read().split()
+        if not call or not call[0].isdigit() or int(call[0]) not in io:
+            return None
+        inode = os.readlink(f"/proc/self/fd/{int(call[1], 16)}")
+        switches = [ln for ln in open(f"/proc/self/task/{tid}/status") if ln.startswith("voluntary_ctxt")]
+    except (OSError, ValueError, IndexError):
+        return None
+    ep = inodes.get(inode.removeprefix("socket:[").rstrip("]"))
+    # the same call, the same stack pointer and no context switch since: one wait, not many short round trips
+    return (ep, " ".join(call) + "".join(switches)) if ep else None
+
+
+def stalled(since: dict[str, tuple[str, float]], now: float, inodes: dict[str, str], io: set[int],
+            limit: float) -> list[str]:
+    """One watchdog step: update ``since`` ({tid: (fingerprint, first seen)}); the endpoints waited on > limit."""
+    late = []
+    for tid in os.listdir("/proc/self/task"):
+        hit = _blocked_on(tid, inodes, io)
+        if hit is None:
+            since.pop(tid, None)
+            continue
+        ep, mark = hit
+        if since.get(tid, ("", 0.0))[0] != mark:
+            since[tid] = (mark, now)
+        elif now - since[tid][1] > limit and ep not in late:
+            late.append(ep)
+    return late
+
+
+def _watch_stalls() -> None:
+    io = _IO_SYSCALLS[platform.machine()]
+    since: dict[str, tuple[str, float]] = {}
+    inodes: dict[str, str] = {}
+    while True:
+        limit = STALL_S  # read each time: tests and callers may shorten it
+        time.sleep(min(1.0, limit / 5))
+        try:
+            inodes = rpc_sockets(list(_watched)) or inodes
+            late = stalled(since, time.monotonic(), inodes, io, limit)
+        except Exception:  # noqa: BLE001 - a watchdog that dies would leave a hang undetected; try again
+            continue
+        if late:
+            stop_run(late, f"did not answer for {limit:g} s (connected, but stalled)")

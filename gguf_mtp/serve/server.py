@@ -9,7 +9,6 @@ any connection still open, so nothing hangs. A second Ctrl-C exits at once.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import signal
 import socket
 from collections.abc import Callable, Iterator
@@ -22,15 +21,6 @@ from .app import ServerState
 
 SHUTDOWN_MARGIN_S = 5.0  # uvicorn waits this long past the grace period before cancelling connections
 BACKLOG = 2048  # uvicorn's default
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: only "localhost" is known to stay on this machine
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:
