@@ -36,6 +36,9 @@ CENTROID_COUNT = "{arch}.centroid_count"  # u32
 CENTROID_TOP_K = "{arch}.centroid_top_k"  # u32
 
 
+# --- llama.cpp keys gguf-py 0.19.0's table lacks (the vendored gguf-py spells it Keys.Tokenizer.SUPPRESS_TOKENS) --
+TOKENIZER_SUPPRESS_TOKENS = getattr(Keys.Tokenizer, "SUPPRESS_TOKENS", "tokenizer.ggml.suppress_tokens")  # INT32[]
+
 # --- clip.cpp keys gguf-py's table lacks (tools/mtmd/clip-impl.h) ----------------------------------------
 CLIP_VISION_HEAD_COUNT_KV = "clip.vision.attention.head_count_kv"
 CLIP_VISION_HEAD_DIM = "clip.vision.attention.head_dim"

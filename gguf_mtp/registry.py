@@ -179,6 +179,35 @@ class AudioSpec:
 
 
 @dataclass(frozen=True)
+class VisionEmbedderSpec:
+    """The 12B's transformer-less image embedder: each soft token is a square of ``patch_size x pooling_kernel``
+    pixels, layer-normed, projected to ``embed_dim`` (a Dense), plus a factorized 2-D position table of
+    ``position_embeddings`` rows per axis, then RMS-normed and projected into the text model."""
+
+    patch_size: int = at_least(1)
+    pooling_kernel: int = at_least(1)
+    embed_dim: int = at_least(1)
+    position_embeddings: int = at_least(1)
+
+
+@dataclass(frozen=True)
+class AudioEmbedderSpec:
+    """The 12B's transformer-less audio embedder: each soft token is a frame of ``samples_per_token`` raw samples
+    at ``sample_rate`` Hz, RMS-normed and projected into the text model."""
+
+    samples_per_token: int = at_least(1)
+    sample_rate: int = at_least(1)
+
+
+@dataclass(frozen=True)
+class Embedders:
+    """Media embedders without an encoder (Gemma4Unified); a variant has these or vision/audio towers."""
+
+    vision: VisionEmbedderSpec | None
+    audio: AudioEmbedderSpec | None
+
+
+@dataclass(frozen=True)
 class DrafterHead:
     """The drafter's LM head: tied "dense", or "centroid" (score ``top_k`` of ``clusters`` token groups)."""
 
@@ -197,6 +226,7 @@ class DrafterSpec:
     intermediate: int = at_least(1)
     heads: int = at_least(1)
     head: DrafterHead
+    context: int | None = at_least(1, default=None)  # its own context_length, where not the target's
 
     def layer_types(self) -> list[str]:
         return self.layer_pattern.expand()
@@ -206,6 +236,9 @@ class DrafterSpec:
 class HFRepos:
     target: str
     drafter: str
+    # config.json "architectures" (what the converters register); the four first variants share these
+    target_architecture: str = "Gemma4ForConditionalGeneration"
+    drafter_architecture: str = "Gemma4AssistantForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -218,7 +251,7 @@ class Recommended:
 @dataclass(frozen=True)
 class ParamsEstimate:
     """Parameter counts of the GGUF files as the exporter writes them (tied heads counted once, K/V of shared
-    layers absent, a drafter's centroid head included); audio, which nothing exports yet, by formula.
+    layers absent, a drafter's centroid head included); ``vision``/``audio``: the projector file's parts.
 
     ``target`` includes the per-layer-embedding table (``target_ple``), which llama.cpp can keep on the
     CPU; ``target_active`` is what one token touches on the GPU side: no PLE table, only top-k experts.
@@ -247,8 +280,18 @@ class Variant:
     audio: AudioSpec | None
     drafter: DrafterSpec
     recommended: Recommended
+    embedders: Embedders | None = None
     unconfirmed: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
+
+    @property
+    def has_vision(self) -> bool:
+        """Images go in through a vision tower or an embedder (either way the projector file's vision part)."""
+        return self.vision is not None or bool(self.embedders and self.embedders.vision)
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None or bool(self.embedders and self.embedders.audio)
 
     def layer_types(self) -> list[str]:
         return self.text.layer_types()
@@ -270,7 +313,7 @@ class Variant:
             target_active=n["target"] - n["target_ple"] - n["target_inactive"],
             drafter=n["drafter"],
             vision=n["vision"],
-            audio=_audio_params(self.audio) if self.audio else 0,
+            audio=n["audio"],
         )
 
 
@@ -557,6 +600,10 @@ def _check_drafter(v: Variant) -> Problems:
 
 
 def _check_towers(v: Variant) -> Problems:
+    e = v.embedders
+    for part in ("vision", "audio"):
+        if e is not None and getattr(e, part) is not None and getattr(v, part) is not None:
+            yield f"embedders.{part}", f"a variant has a {part} tower or a {part} embedder, not both"
     if v.vision is not None and v.vision.projection_dim != v.text.hidden:
         yield "vision.projection_dim", f"must equal text.hidden ({v.text.hidden}), got {v.vision.projection_dim}"
     for name, tower in (("vision", v.vision), ("audio", v.audio)):
@@ -661,18 +708,16 @@ def get_variant(name: str, registry: Registry | None = None) -> Variant:
     return (registry if registry is not None else load_registry()).get(name)
 
 
-# --- parameter estimates: audio (no exporter table to count from yet) ----------------------------------------
+# --- checking a real config.json against the registry: registry_config.py, re-exported here -------------------
 
-
-def _audio_params(a: AudioSpec) -> int:
-    """Conformer: two macaron FFNs, attention + relative-position projection, light conv, output projection."""
-    w = a.width
-    per_layer = 2 * 2 * w * a.ffn + 5 * w * w + 3 * w * w + 10 * w
-    return a.layers * per_layer + w * w + w * a.output_dim
+from .registry_config import (  # noqa: E402  (it reads the dataclasses above)
+    CONFIG_CHECKS, ConfigMismatch, check_config, config_mismatches, variant_for_config,
+)
 
 
 __all__ = [
-    "AudioSpec", "DrafterHead", "DrafterSpec", "Field", "HFRepos", "KVHeads", "LayerPattern", "MoESpec",
+    "AudioEmbedderSpec", "AudioSpec", "CONFIG_CHECKS", "ConfigMismatch", "DrafterHead", "Embedders",
+    "VisionEmbedderSpec", "check_config", "config_mismatches", "variant_for_config", "DrafterSpec", "Field", "HFRepos", "KVHeads", "LayerPattern", "MoESpec",
     "ParamsEstimate", "Recommended", "Registry", "RegistryError", "RopeSpec", "SCHEMA", "SCHEMA_VERSION",
     "TextSpec", "Variant", "VisionSpec", "default_path", "get_variant", "load_registry", "name_key",
     "parse_registry",

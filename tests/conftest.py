@@ -9,5 +9,6 @@ from fixtures.runtime import *  # noqa
 from fixtures.gguf import *  # noqa
 from fixtures.plan import *  # noqa
 from fixtures.projector import *  # noqa
+from fixtures.unified import *  # noqa
 
 from fixtures.tiny import *  # noqa: F401,F403

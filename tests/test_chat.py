@@ -139,12 +139,12 @@ def test_image_turn_runs_through_the_projector_with_mtp(engines, projectors, png
     with Projector.load(mmproj, eng) as proj, Projector.load(mmproj, eng_plain) as proj_plain:
         mtp, plain = chat(eng, projector=proj), chat(eng_plain, projector=proj_plain)
         got, ref = mtp.ask("what is in this picture", png), plain.ask("what is in this picture", png)
-        assert got.image_tokens == ref.image_tokens == 80
+        assert got.media_tokens == ref.media_tokens == 80
         assert got.prompt == ref.prompt
         assert got.stats.proposed > 0  # drafting went on after the image
         assert got.tokens == ref.tokens
         # the drafter's input after the image is the hidden row of the last prompt position, as a fresh decode gives
-        _, media = mtp.render([Turn("what is in this picture", mtp.turns[0].image)])
+        _, media = mtp.render([Turn("what is in this picture", mtp.turns[0].media)])
         with media:
             assert media.tokens == got.prompt
             eng.truncate(0)
@@ -154,7 +154,7 @@ def test_image_turn_runs_through_the_projector_with_mtp(engines, projectors, png
         assert np.abs(h - eng.hidden(0)).max() < 1e-2  # batched vs one-token numerics; another row differs by ~1
         # a second turn keeps the image in the cache: nothing is encoded again
         got2, ref2 = mtp.ask("and the colours"), plain.ask("and the colours")
-        assert got2.image_tokens == 0 and got2.stats.reused_tokens >= got.prompt_tokens
+        assert got2.media_tokens == 0 and got2.stats.reused_tokens >= got.prompt_tokens
         assert got2.tokens == ref2.tokens
         mtp.close(), plain.close()
 
@@ -172,7 +172,7 @@ def test_image_needs_a_projector_and_a_readable_file(engines, projectors, tmp_pa
             proj.load_image(tmp_path / "missing.png")
         with pytest.raises(GgufMtpError, match="not an image"):
             proj.load_image(bad)
-        with pytest.raises(GgufMtpError, match="marks where images go"):
+        with pytest.raises(GgufMtpError, match="marks where images and audio clips go"):
             list(chat(eng, projector=proj).send(f"look {proj.marker}"))
 
 
@@ -214,7 +214,7 @@ def test_cli_image_turn_and_think(runtime_ggufs, projectors, png):
                               "--image", str(png), "--think", "-n", "8", *FAST,
                               input=f"what is this\n/image {png}\nand this\n")
     assert code == 0, err
-    assert err.count("80 image tokens encoded") == 2 and "it goes with your next message" in err
+    assert err.count("80 media tokens encoded") == 2 and "it goes with your next message" in err
 
 
 def test_cli_shows_or_hides_thoughts(runtime_ggufs, monkeypatch):
@@ -247,7 +247,7 @@ def test_cli_help_lists_the_commands_and_the_chat_goes_on(runtime_ggufs):
 
 # A line that cannot be done is one error line (exit 2 at the end, for scripts); the next message still gets a reply.
 @pytest.mark.parametrize("args,line,message", [
-    ([], "/foo bar", "unknown command /foo; commands: /help, /image PATH, /reset, /stats, /exit"),
+    ([], "/foo bar", "unknown command /foo; commands: /help, /image PATH, /audio PATH, /reset, /stats, /exit"),
     ([], "/", "unknown command /; commands: /help"),
     ([], "/image", "/image: expected PATH"),
     ([], "/image cat.png", "/image needs a vision projector: restart with --mmproj FILE"),

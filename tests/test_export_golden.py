@@ -1,6 +1,7 @@
 """Golden summaries of the default exports: every key's value and each tensor's name/type/shape/sha256.
 
-Also the tiny-e vision projector (``convert --mmproj``, tests/golden/export-tiny-e-projector.json).
+Also the projectors (``convert --mmproj``: tiny-e vision + audio, tiny-unified's embedders;
+tests/golden/export-{tiny-e,tiny-unified}-projector.json).
 
 An unintended change of layout, names, types, metadata or tensor bytes fails here. After an intended change,
 regenerate with ``tools/regen_export_golden.py`` (or ``GGUF_MTP_REGEN_GOLDEN=1 pytest tests/test_export_golden.py``)
@@ -21,7 +22,7 @@ from gguf import GGUFReader
 GOLDEN = Path(__file__).parent / "golden"
 REGEN = bool(os.environ.get("GGUF_MTP_REGEN_GOLDEN"))
 CASES = {  # golden name -> (family, role, centroids)
-    **{f"{f}-{r}": (f, r, False) for f in ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q")
+    **{f"{f}-{r}": (f, r, False) for f in ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q", "tiny-unified")
        for r in ("target", "drafter")},
     "tiny-e-drafter-centroids": ("tiny-e", "drafter", True),
 }
@@ -70,5 +71,6 @@ def test_export_matches_golden(case, exports):
     check_golden(summarize(exports.get(family, role, centroids=centroids)), case)
 
 
-def test_projector_matches_golden(projectors):
-    check_golden(summarize(projectors.get()), "tiny-e-projector")
+@pytest.mark.parametrize("family", ["tiny-e", "tiny-unified"])  # fixtures.projector.PROJECTOR_FAMILIES
+def test_projector_matches_golden(projectors, family):
+    check_golden(summarize(projectors.get(family=family)), f"{family}-projector")

@@ -1,13 +1,12 @@
-"""The vision projector export (``convert SRC --mmproj``): layout, values, types, pairing, refusals, and evidence
-that llama.cpp's libmtmd loads it and computes transformers' image embeddings; the upstream cross-check
-(convert_hf_to_gguf.py --mmproj) is at the end. Measured numbers: docs/export.md.
+"""The projector export (``convert SRC --mmproj``): the vision tower's layout, values, types, pairing, refusals, and
+evidence that llama.cpp's libmtmd loads it and computes transformers' image embeddings; the upstream cross-check
+(convert_hf_to_gguf.py --mmproj, vision + audio, tiny-e and tiny-unified) is at the end. The audio part and the
+12B's embedders: test_projector_audio.py. Measured numbers: docs/export.md.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import re
 from pathlib import Path
 
@@ -15,15 +14,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from test_export import copy_checkpoint, edit_json, gguf, no_leftovers, rewrite_weights
+from test_unified_media import png, random_image
 from upstream import converter_tree, read_gguf, run_converter
 
 from gguf_mtp import pairing
 from gguf_mtp.cli import main
-from gguf_mtp.export.projector import AUDIO_NOT_SUPPORTED, GLOBAL, LAYER
+from fixtures.projector import PROJECTOR_FAMILIES
+
+from gguf_mtp.export.audio import AUDIO
+from gguf_mtp.export.projector import GLOBAL, LAYER, NO_AUDIO
 from gguf_mtp.export.safetensors import SafetensorsReader
 
 FAMILY = "tiny-e"
 VISION = {"hidden": 32, "layers": 2, "patch": 16, "pool": 3, "text_hidden": 64}
+AUDIO_LAYERS = 2  # tiny-e's conformer
 
 
 def source(export_src: Path) -> Path:
@@ -34,12 +38,22 @@ def hf_tensor(reader: SafetensorsReader, name: str) -> np.ndarray:
     return np.asarray(reader.raw(name), dtype=np.float32)
 
 
-def expected_names(layers: int = VISION["layers"]) -> list[tuple[str, str]]:
-    """(HF, GGUF) names of every tensor tiny-e's tower implies (clipped linears and standardize on)."""
-    pairs = [("model." + r.hf, r.gguf) for r in GLOBAL]
-    pairs += [("model." + r.hf.format(bid=b), r.gguf.format(bid=b)) for b in range(layers) for r in LAYER
+def table_names(global_rows, layer_rows, layers: int) -> list[tuple[str, str]]:
+    """(HF, GGUF) names of every non-optional row of a part, all conditions on (tiny-e clips and standardizes)."""
+    pairs = [("model." + r.hf, r.gguf) for r in global_rows]
+    pairs += [("model." + r.hf.format(bid=b), r.gguf.format(bid=b)) for b in range(layers) for r in layer_rows
               if not r.optional]
     return pairs
+
+
+def expected_names(layers: int = VISION["layers"]) -> list[tuple[str, str]]:
+    """(HF, GGUF) names of every tensor tiny-e's vision tower implies."""
+    return table_names(GLOBAL, LAYER, layers)
+
+
+def audio_names() -> list[tuple[str, str]]:
+    """(HF, GGUF) names of every tensor tiny-e's conformer implies (clipped linears on)."""
+    return table_names(AUDIO.global_rows, AUDIO.layer_rows, AUDIO_LAYERS)
 
 
 # --- layout and values -------------------------------------------------------------------------------------------
@@ -56,7 +70,7 @@ def test_keys_follow_clip_cpp(projectors):
     assert "clip.vision.projector.scale_factor" not in kv  # pooling 3 is clip.cpp's default
     assert kv["gguf_mtp.role"] == "projector" and kv["gguf_mtp.source"] == "target"
     assert not any(k.startswith("gemma4.") or k.startswith("tokenizer.") for k in kv)
-    assert sorted(tensors) == sorted(g for _, g in expected_names())
+    assert sorted(tensors) == sorted(g for _, g in expected_names() + audio_names())
 
 
 def test_every_tensor_equals_its_source(projectors, export_src):
@@ -130,32 +144,35 @@ def test_cli_writes_and_reports(export_src, tmp_path):
     res = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["arch"] == "clip" and doc["role"] == "projector" and doc["n_tensors"] == len(expected_names())
-    assert doc["features"] == ["vision", "clipped", "standardize"]
+    assert doc["arch"] == "clip" and doc["role"] == "projector"
+    assert doc["n_tensors"] == len(expected_names()) + len(audio_names())
+    assert doc["features"] == ["vision", "audio", "clipped", "standardize"]
     again = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(out)])
     assert again.exit_code == 2 and "exists (use --force" in again.stderr
     forced = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "-o", str(out), "--force"])
     assert forced.exit_code == 0 and forced.stdout.startswith(f"wrote {out}: clip projector")
 
 
-def _audio_config(c: dict) -> None:
-    c["audio_config"] = {"model_type": "gemma4_audio", "hidden_size": 32}
-
-
-def _add_audio(t: dict, d: dict) -> None:
-    t["model.audio_tower.layers.0.norm_pre_attn.weight"] = np.ones(32, np.float32)
-    t["model.embed_audio.embedding_projection.weight"] = np.zeros((64, 32), np.float32)
-
-
-def test_vision_and_audio_writes_vision_and_says_audio_is_skipped(projectors, export_src, tmp_path):
-    src = copy_checkpoint(source(export_src), tmp_path / "target")
-    edit_json(src / "config.json", _audio_config)
-    rewrite_weights(src, _add_audio)
+def test_no_audio_writes_the_vision_part_alone(projectors, export_src, tmp_path):
+    """--no-audio: the vision tensors and keys of the full file, no audio key or tensor, and a note."""
     out = tmp_path / "mmproj.gguf"
-    res = CliRunner().invoke(main, ["convert", str(src), "--mmproj", "-o", str(out)])
+    res = CliRunner().invoke(main, ["convert", str(source(export_src)), "--mmproj", "--no-audio", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert f"note: left out 2 checkpoint tensor(s): {AUDIO_NOT_SUPPORTED}" in res.stderr
-    assert gguf(out)[1].keys() == gguf(projectors.get())[1].keys()
+    assert f"note: left out {len(audio_names())} checkpoint tensor(s): {NO_AUDIO}" in res.stderr
+    kv, tensors = gguf(out)
+    full_kv, full = gguf(projectors.get())
+    assert sorted(tensors) == sorted(g for _, g in expected_names())
+    for name, t in tensors.items():
+        assert np.asarray(t.data).tobytes() == np.asarray(full[name].data).tobytes(), name
+    assert not any(k.startswith("clip.audio.") for k in kv) and "clip.has_audio_encoder" not in kv
+    assert {k: v for k, v in kv.items() if k != "general.size_label"} == \
+        {k: v for k, v in full_kv.items() if not k.startswith("clip.audio.") and k not in
+         ("clip.has_audio_encoder", "general.size_label")}
+
+
+def test_no_audio_needs_mmproj(export_src, tmp_path):
+    res = CliRunner().invoke(main, ["convert", str(source(export_src)), "--no-audio", "-o", str(tmp_path / "t.gguf")])
+    assert res.exit_code == 2 and "--no-audio belongs to --mmproj" in res.stderr
 
 
 def test_vision_layer_scalars_are_kept_when_present(export_src, tmp_path):
@@ -210,11 +227,11 @@ def _vision(edit):
 
 BAD = {
     # name: (family, role, edit config.json (or (other JSON file, edit)), edit weights, extra args, message)
-    "text-only checkpoint": ("tiny-dense", "target", None, None, [], "text-only Gemma 4 checkpoint .* no vision tower"),
-    "drafter": ("tiny-e", "drafter", None, None, [], "this is an MTP drafter, with no vision tower"),
+    "text-only checkpoint": ("tiny-dense", "target", None, None, [], "text-only Gemma 4 checkpoint .* no vision or audio tower"),
+    "drafter": ("tiny-e", "drafter", None, None, [], "this is an MTP drafter, with no vision or audio tower"),
     "no vision tower": ("tiny-moe", "target", None, None, [], r"no vision tower \(vision_config is null\)"),
-    "audio only": ("tiny-e", "target", lambda c: (c.update(vision_config=None), _audio_config(c)), None, [],
-                   AUDIO_NOT_SUPPORTED),
+    "audio only": ("tiny-e", "target", lambda c: c.update(vision_config=None), None, [],
+                   "no vision tower .* an audio-only projector is not supported"),
     "activation": ("tiny-e", "target", _vision(lambda v: v.update(hidden_activation="silu")), None, [],
                    "hidden_activation: llama.cpp's gemma4v projector runs only gelu_pytorch_tanh, got 'silu'"),
     "rope theta": ("tiny-e", "target", _vision(lambda v: v.update(rope_parameters={"rope_type": "axial",
@@ -260,54 +277,37 @@ def test_bad_input_is_one_error_line_and_no_file(case, export_src, tmp_path):
 IMAGES = ((480, 336), (336, 480), (576, 576))  # (width, height): multiples of patch * pooling = 48, >= 70 tokens
 
 
-def random_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+@pytest.fixture(scope="module")
+def tiny_e(engines):
+    """tiny-e's target (the exporter's default export) as a runtime engine, without its drafter."""
+    return engines.get(FAMILY, drafter=False)
 
 
-def mtmd_image_embeddings(target: Path, mmproj: Path, image: np.ndarray) -> np.ndarray:
-    """Tokenize a prompt holding one image through libmtmd, encode the image chunk, return its embeddings.
-
-    Image sides that are multiples of patch * pooling (and >= 70 soft tokens) are not resized by the gemma4v
-    preprocessor, so both sides see the same pixels.
-    """
-    import llama_cpp
-    from llama_cpp import mtmd_cpp as mt
-
-    llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(os.fsencode(target), llama_cpp.llama_model_default_params())
-    assert model, target
-    params = mt.mtmd_context_params_default()
-    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 1, False, False
-    ctx = mt.mtmd_init_from_file(os.fsencode(mmproj), model, params)
-    chunks = bitmap = None
+def media_embeddings(projector, media) -> np.ndarray:
+    """``projector.embeddings`` of one image or clip, freed after."""
     try:
-        assert ctx, f"libmtmd refused {mmproj}"
-        h, w, _ = image.shape
-        data = (ctypes.c_uint8 * image.size).from_buffer_copy(np.ascontiguousarray(image).tobytes())
-        bitmap = mt.mtmd_bitmap_init(w, h, data)
-        chunks = mt.mtmd_input_chunks_init()
-        prompt = b"describe " + mt.mtmd_default_marker()
-        text = mt.mtmd_input_text(prompt, len(prompt), True, True)
-        assert mt.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mt.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-        images = [mt.mtmd_input_chunks_get(chunks, i) for i in range(mt.mtmd_input_chunks_size(chunks))]
-        images = [c for c in images if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE]
-        assert len(images) == 1
-        n = mt.mtmd_input_chunk_get_n_tokens(images[0])
-        assert mt.mtmd_encode_chunk(ctx, images[0]) == 0
-        n_embd = llama_cpp.llama_model_n_embd(model)
-        return np.ctypeslib.as_array(mt.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
+        return projector.embeddings(media)
     finally:
-        if chunks:
-            mt.mtmd_input_chunks_free(chunks)
-        if bitmap:
-            mt.mtmd_bitmap_free(bitmap)
-        if ctx:
-            mt.mtmd_free(ctx)
-        llama_cpp.llama_model_free(model)
+        media.close()
+
+
+def mtmd_image_embeddings(engine, mmproj: Path, image: np.ndarray) -> np.ndarray:
+    """The image's embeddings from libmtmd through the runtime's Projector (``mmproj`` loaded for ``engine``).
+
+    The image goes in as a PNG (lossless), and sides that are multiples of patch * pooling (and >= 70 soft tokens)
+    are not resized by the gemma4v preprocessor, so both sides see the same pixels.
+    """
+    from gguf_mtp.runtime.multimodal import Projector
+
+    with Projector.load(mmproj, engine) as proj:
+        return media_embeddings(proj, proj.image_from_bytes(png(image), "noise.png"))
 
 
 def transformers_image_embeddings(model, image: np.ndarray, patch: int) -> np.ndarray:
-    """get_image_features (vision tower + embed_vision) on the pixels Gemma4ImageProcessor would hand over."""
+    """get_image_features (vision tower + embed_vision) on the image's own pixels, patchified (rescaled by 1/255,
+    no resize). Gemma4ImageProcessor hands over the same for 480x336 and 336x480 (exactly its max_soft_tokens = 70
+    budget on the tiny checkpoints); 576x576 (144 soft tokens) it would first shrink to 384x384, so that size
+    compares the two towers on the same pixels, not on what the processor would produce."""
     import torch
 
     h, w, _ = image.shape
@@ -331,9 +331,9 @@ def hf_target(export_src):
 @pytest.mark.reference
 @pytest.mark.parametrize("outtype, max_rel", [("f32", 0.005), ("f16", 0.01)])
 @pytest.mark.parametrize("size", IMAGES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_llama_cpp_image_embeddings_match_transformers(projectors, exports, hf_target, size, outtype, max_rel):
+def test_llama_cpp_image_embeddings_match_transformers(projectors, tiny_e, hf_target, size, outtype, max_rel):
     image = random_image(*size)
-    got = mtmd_image_embeddings(exports.get(FAMILY, "target"), projectors.get(outtype), image)
+    got = mtmd_image_embeddings(tiny_e, projectors.get(outtype), image)
     want = transformers_image_embeddings(hf_target, image, VISION["patch"])
     assert got.shape == want.shape == (size[0] * size[1] // (48 * 48), VISION["text_hidden"])
     rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -344,26 +344,39 @@ def test_llama_cpp_image_embeddings_match_transformers(projectors, exports, hf_t
 
 # --- the upstream converter (convert_hf_to_gguf.py --mmproj) ---------------------------------------------------------
 UPSTREAM_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# Ours and upstream's differ only here (docs/export.md says why).
+# Ours and upstream's differ only here (docs/export.md says why): keys, and tensors equal to within one ulp.
 ALLOWED_KEY_DIFFERENCES = {"general.name", "clip.use_gelu"}
+ULP_TENSORS = re.compile(r"a\.blk\.\d+\.per_dim_scale\.weight")  # softplus: ours rounded once from float64
 
 
 @pytest.fixture(scope="module")
-def upstream_projectors(export_src, tmp_path_factory) -> dict[str, Path]:
+def upstream_projectors(export_src, tmp_path_factory) -> dict[tuple[str, str], Path]:
     lcpp = converter_tree()
     work = tmp_path_factory.mktemp("upstream-mmproj")
-    out = {t: work / f"mmproj-{t}.gguf" for t in UPSTREAM_OUTTYPES}
-    run_converter(lcpp, [(source(export_src), p, t) for t, p in out.items()], "--mmproj")
+    out = {(f, t): work / f"{f}-mmproj-{t}.gguf" for f in PROJECTOR_FAMILIES for t in UPSTREAM_OUTTYPES}
+    run_converter(lcpp, [(export_src / f / "target", p, t) for (f, t), p in out.items()], "--mmproj")
     return out
+
+
+def max_ulp(a: tuple, b: tuple) -> int:
+    """The largest distance in float32 ulps between two F32 tensors as read_gguf returns them."""
+    x, y = (np.frombuffer(t[2], np.float32).view(np.int32).astype(np.int64) for t in (a, b))
+    return int(np.abs(x - y).max())
 
 
 @pytest.mark.upstream
 @pytest.mark.parametrize("outtype", UPSTREAM_OUTTYPES)
-def test_projector_equals_upstream(projectors, upstream_projectors, outtype):
-    ours_kv, ours_t = read_gguf(projectors.get(outtype))
-    up_kv, up_t = read_gguf(upstream_projectors[outtype])
+@pytest.mark.parametrize("family", PROJECTOR_FAMILIES)
+def test_projector_equals_upstream(projectors, upstream_projectors, family, outtype):
+    ours_kv, ours_t = read_gguf(projectors.get(outtype, family))
+    up_kv, up_t = read_gguf(upstream_projectors[(family, outtype)])
     assert ours_t.keys() == up_t.keys()
+    assert any(n.startswith("a.") or n.startswith("mm.a.") for n in ours_t)  # the audio part is compared too
     for name in ours_t:
+        if ULP_TENSORS.fullmatch(name):
+            assert ours_t[name][:2] == up_t[name][:2] == ("F32", ours_t[name][1])
+            assert max_ulp(ours_t[name], up_t[name]) <= 1, name
+            continue
         assert ours_t[name] == up_t[name], name  # name, type, shape, bytes
     differing = {k for k in ours_kv.keys() | up_kv.keys() if ours_kv.get(k) != up_kv.get(k)}
     allowed = ALLOWED_KEY_DIFFERENCES | {k for k in ours_kv if k.startswith("gguf_mtp.")}
@@ -374,13 +387,13 @@ def test_projector_equals_upstream(projectors, upstream_projectors, outtype):
 
 @pytest.mark.upstream
 @pytest.mark.reference
-def test_use_gelu_is_why_ours_is_closer_to_transformers(projectors, upstream_projectors, exports, hf_target):
+def test_use_gelu_is_why_ours_is_closer_to_transformers(projectors, upstream_projectors, tiny_e, hf_target):
     """Upstream's file leaves clip.use_gelu out, so clip.cpp runs gelu_quick instead of gelu_pytorch_tanh."""
     image = random_image(*IMAGES[0])
     want = transformers_image_embeddings(hf_target, image, VISION["patch"])
     rel = {}
-    for who, path in (("ours", projectors.get("f32")), ("upstream", upstream_projectors["f32"])):
-        got = mtmd_image_embeddings(exports.get(FAMILY, "target"), path, image)
+    for who, path in (("ours", projectors.get("f32")), ("upstream", upstream_projectors[(FAMILY, "f32")])):
+        got = mtmd_image_embeddings(tiny_e, path, image)
         rel[who] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     print(f"rel L2 vs transformers: ours {rel['ours']:.3%}, upstream {rel['upstream']:.3%}")
     assert rel["ours"] * 4 < rel["upstream"]

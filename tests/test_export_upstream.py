@@ -17,12 +17,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from gguf import GGUFValueType
 from upstream import converter_tree, read_gguf, run_converter
 
 pytestmark = pytest.mark.upstream
 
-FAMILIES = ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q")
-EXTRA_OUTTYPES = (("tiny-e", "f16"), ("tiny-e", "q8_0"), ("tiny-q", "bf16"), ("tiny-q", "q8_0"))
+FAMILIES = ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q", "tiny-unified")
+EXTRA_OUTTYPES = (("tiny-e", "f16"), ("tiny-e", "q8_0"), ("tiny-q", "bf16"), ("tiny-q", "q8_0"),
+                  ("tiny-unified", "f16"))
 
 
 def tokenizer_json_from_sentencepiece(directory: Path) -> None:
@@ -110,3 +112,15 @@ def test_reduced_outtypes_equal_upstream(family, outtype, exports, upstream):
     assert ours_t.keys() == up_t.keys()
     for name in ours_t:
         assert ours_t[name] == up_t[name], name
+
+
+def test_unified_suppress_tokens_equal_upstream(exports, upstream):
+    """Gemma4UnifiedModel's one addition: generation_config.json's suppress_tokens (an INT32 array), target only."""
+    from gguf_mtp import keys
+
+    key = keys.TOKENIZER_SUPPRESS_TOKENS
+    ours = read_gguf(exports.get("tiny-unified", "target", "f32"))[0]
+    up = read_gguf(upstream["tiny-unified", "target", "f32"])[0]
+    assert ours[key] == up[key] and len(ours[key][0]) > 0
+    assert ours[key][1] == [GGUFValueType.ARRAY, GGUFValueType.INT32]
+    assert key not in read_gguf(exports.get("tiny-unified", "drafter", "f32"))[0]

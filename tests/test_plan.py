@@ -105,12 +105,14 @@ def test_parse_size_rejects_garbage() -> None:
 MATRIX = [
     # variant, target quant, drafter quant, KV type, flash attention, context (the pool), parallel sequences
     ("E2B", "Q4_K_M", "Q8_0", "f16", "auto", 8192, 1),
+    ("12B", "Q4_K_M", "Q8_0", "f16", "off", 8192, 1),  # k_eq_v full layers with one 512-wide KV head
     ("31B", "Q4_K_M", "Q8_0", "q8_0", "on", 16384, 1),
     ("26B-A4B", "Q4_K_M", "Q8_0", "f16", "off", 4096, 1),  # V padded to the widest layer, explicit scores
     # N sequences in one unified pool: the sliding cache N windows wide, N x (k + 1) verify rows, the drafter's
     # 9 rows rounded up to 12 (whole rows per sequence)
     ("E2B", "Q4_K_M", "Q8_0", "f16", "auto", 32768, 4),
     ("31B", "Q4_K_M", "Q8_0", "q8_0", "on", 16384, 4),
+    ("12B", "Q4_K_M", "Q8_0", "q8_0", "on", 16384, 4),
     ("26B-A4B", "Q4_K_M", "Q8_0", "f16", "off", 16384, 4),
 ]
 
@@ -132,15 +134,29 @@ def test_planner_matches_llama_cpp(skeletons, variant, quant, dquant, kv, fa, n_
         assert abs(a.error) <= COMPUTE or abs(a.planner - a.llama) <= SMALL, a
 
 
-@pytest.mark.parametrize("variant", ["E2B", "31B"])
+def test_12b_plan_for_16gib_matches_llama_cpp(skeletons) -> None:
+    """`plan --variant 12B --quant Q4_K_M --vram 16GiB --vision`: the plan's own settings, loaded by llama.cpp
+    (no_alloc) from full-size skeletons, allocate the weights and KV cache the plan counted, within 0.5%."""
+    from gguf_mtp.planning.probe import compare_with_llama
+
+    p = search.plan(search.Request(search.files_from_variant("12B", "Q4_K_M", "Q8_0", vision=True), 16 * GiB))
+    assert p.fits and p.settings.n_gpu_layers < 0 and p.request.files.mmproj is not None
+    rows = {a.item: a for a in compare_with_llama(skeletons.get("12B", "target", "Q4_K_M"),
+                                                  skeletons.get("12B", "drafter", "Q8_0"), p.settings)}
+    for item in ("target weights", "drafter weights", "KV cache"):
+        assert abs(rows[item].error) <= EXACT, rows[item]
+    assert rows["KV cache"].llama > 4 * GiB  # the whole 262,144-token context: 8 full layers x 1 KV head x 512
+
+
+@pytest.mark.parametrize("variant", ["E2B", "12B", "31B"])
 def test_projector_matches_libmtmd(skeletons, variant) -> None:
     from gguf_mtp.planning.probe import compare_with_llama
 
     target = skeletons.get(variant, "target", "Q4_K_M")
     mmproj = skeletons.get(variant, "mmproj")
     rows = {a.item: a for a in compare_with_llama(target, None, RuntimeSettings(n_ctx=4096), mmproj=mmproj)}
-    assert abs(rows["projector weights + compute"].error) <= 0.01
-    assert abs(rows["projector compute (256-token image)"].error) <= COMPUTE
+    assert abs(rows["projector weights + compute"].error) <= 0.01, rows
+    assert abs(rows["projector compute (256-token image)"].error) <= COMPUTE, rows
 
 
 # --- placement rules ----------------------------------------------------------------------------------
@@ -278,6 +294,14 @@ def test_too_small_a_budget_says_by_how_much() -> None:
     assert not p.fits and p.shortfall > 0
     msg = search.shortfall_message(p)
     assert msg.startswith("does not fit") and "short" in msg
+
+
+@pytest.mark.parametrize("kv, fa", [("f32", "auto"), ("bf16", "auto"), ("f16", "auto"), ("q8_0", "on")])
+def test_a_plan_that_does_not_fit_keeps_flash_attention_as_its_cache_needs(kv, fa) -> None:
+    """Only a quantized cache turns flash attention on, in the plan that fits and in the closest miss alike."""
+    files = search.files_from_variant("31B", "Q4_K_M", "Q8_0")
+    p = search.plan(search.Request(files, 2 * GiB, GiB, ram=4 * GiB, kv_type=kv))
+    assert not p.fits and (p.settings.cache_type_k, p.settings.flash_attn) == (kv, fa)
 
 
 # --- the command ----------------------------------------------------------------------------------------

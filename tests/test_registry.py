@@ -11,19 +11,23 @@ import pytest
 
 from gguf_mtp.errors import GgufMtpError
 from gguf_mtp.registry import (
+    CONFIG_CHECKS,
     ENV_MODELS,
     SCHEMA,
     LayerPattern,
     Registry,
     RegistryError,
     Variant,
+    check_config,
+    config_mismatches,
     get_variant,
     load_registry,
     name_key,
+    variant_for_config,
 )
 
 MODELS_JSON = Path(__file__).resolve().parent.parent / "models.json"
-VARIANTS = ["E2B", "E4B", "26B-A4B", "31B"]
+VARIANTS = ["E2B", "E4B", "12B", "26B-A4B", "31B"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def raw() -> dict:
 def test_family_and_order(reg: Registry) -> None:
     assert reg.schema_version == 1
     assert reg.names == VARIANTS
-    assert len(reg) == 4 and "31b" in reg and "e3b" not in reg
+    assert len(reg) == 5 and "31b" in reg and "12b" in reg and "e3b" not in reg
 
 
 def test_31b_facts(reg: Registry) -> None:
@@ -75,6 +79,30 @@ def test_e2b_facts(reg: Registry) -> None:
     assert (head.type, head.clusters, head.top_k) == ("centroid", 2048, 32)
     assert (v.drafter.hidden, v.drafter.intermediate, v.drafter.heads) == (256, 2048, 4)
     assert v.audio is not None and v.audio.width == 1024
+
+
+def test_12b_facts(reg: Registry) -> None:
+    """Gemma4Unified: a dense text model with 1-KV-head k_eq_v full layers, embedders instead of towers."""
+    v = reg.get("google/gemma-4-12B-it")
+    t = v.text
+    assert (t.layers, t.hidden, t.intermediate, t.heads) == (48, 3840, 15360, 16)
+    assert (t.kv_heads.sliding, t.kv_heads.full, t.head_dim, t.global_head_dim) == (8, 1, 256, 512)
+    assert (t.sliding_window, t.context, t.shared_kv_layers, t.ple_dim) == (1024, 262144, 0, 0)
+    assert t.attention_k_eq_v and t.moe is None
+    assert [i for i, k in enumerate(v.layer_types()) if k == "full"] == list(range(5, 48, 6))
+    assert (v.hf.target_architecture, v.hf.drafter_architecture) == (
+        "Gemma4UnifiedForConditionalGeneration", "Gemma4UnifiedAssistantForCausalLM")
+    assert reg.get("E2B").hf.target_architecture == "Gemma4ForConditionalGeneration"  # the default
+    assert v.vision is None and v.audio is None and v.has_vision and v.has_audio
+    e = v.embedders
+    assert e is not None and e.vision is not None and e.audio is not None
+    assert (e.vision.patch_size * e.vision.pooling_kernel, e.vision.embed_dim, e.vision.position_embeddings) == (
+        48, 3840, 1120)
+    assert e.audio.samples_per_token * 1000 // e.audio.sample_rate == 40  # 40 ms frames
+    d = v.drafter
+    assert (d.hidden, d.intermediate, d.heads, d.head.type, d.context) == (1024, 8192, 16, "dense", 131072)
+    assert reg.get("31B").drafter.context is None  # the target's
+    assert not v.is_confirmed("drafter.head.type") and v.is_confirmed("drafter.hidden")
 
 
 def test_e4b_and_26b_facts(reg: Registry) -> None:
@@ -121,6 +149,11 @@ def test_params_estimates_match_published_sizes(reg: Registry) -> None:
     assert near(pe2.target_active, 2.3e9) and near(pe2.total, 5.1e9)
     assert near(reg.get("E4B").params_estimate().drafter, 78.518e6, 0.001)
     assert near(pe2.vision, 150e6, 0.15) and near(p31.vision, 550e6, 0.1) and p31.audio == 0
+    assert near(pe2.audio, 300e6, 0.05)  # the conformer, from export/projector.py's (audio.py's) table
+    # the 12B: 11.95B on its model card (embedders included), a 423M drafter
+    p12 = reg.get("12B").params_estimate()
+    assert near(p12.target + p12.vision + p12.audio, 11.95e9, 0.002) and near(p12.drafter, 423e6, 0.002)
+    assert p12.audio == 640 * 3840 and p12.target_active == p12.target
 
 
 def test_layer_pattern_expands() -> None:
@@ -141,6 +174,66 @@ def test_schema_tables_cover_the_dataclasses() -> None:
         assert declared == {f.name for f in fields}, section
 
 
+# --- a real config.json against the registry (the exporter's guard) ----------------------------------------------
+
+
+def released_12b_config() -> tuple[dict, dict]:
+    """The 12B's config.json and its assistant's, as the public sources describe them (transformers 5.23.0's
+    serialization: full layers' head size and KV heads in per_layer_config)."""
+    types = (["sliding_attention"] * 5 + ["full_attention"]) * 8
+    full = {str(i): {"head_dim": 512, "num_key_value_heads": 1} for i, k in enumerate(types) if k == "full_attention"}
+    text = {"hidden_size": 3840, "num_hidden_layers": 48, "intermediate_size": 15360, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 256, "layer_types": types, "per_layer_config": full,
+            "sliding_window": 1024, "num_kv_shared_layers": 0, "attention_k_eq_v": True, "vocab_size": 262144,
+            "max_position_embeddings": 262144, "final_logit_softcapping": 30.0, "use_double_wide_mlp": True}
+    target = {"architectures": ["Gemma4UnifiedForConditionalGeneration"], "text_config": text,
+              "vision_config": {"patch_size": 16, "pooling_kernel_size": 3, "mm_embed_dim": 3840,
+                                "mm_posemb_size": 1120},
+              "audio_config": {"audio_embed_dim": 640}}
+    dtypes = ["sliding_attention"] * 3 + ["full_attention"]
+    drafter = {"architectures": ["Gemma4UnifiedAssistantForCausalLM"], "backbone_hidden_size": 3840,
+               "use_ordered_embeddings": True,
+               "text_config": {"hidden_size": 1024, "num_hidden_layers": 4, "intermediate_size": 8192,
+                               "num_attention_heads": 16, "layer_types": dtypes, "max_position_embeddings": 131072}}
+    return target, drafter
+
+
+def test_released_configs_pass_and_are_found(reg: Registry) -> None:
+    target, drafter = released_12b_config()
+    # found by shape (a local directory) and by repo id; use_double_wide_mlp and the centroid head are unconfirmed,
+    # so the values above that differ from the registry's are not refused
+    assert check_config(target, "target", registry=reg).name == "12B"
+    assert check_config(drafter, "drafter", "google/gemma-4-12B-it-assistant", reg).name == "12B"
+    assert variant_for_config({"architectures": ["Gemma4ForConditionalGeneration"],
+                               "text_config": {"hidden_size": 64, "num_hidden_layers": 4}}, "target", registry=reg) is None
+
+
+@pytest.mark.parametrize(("role", "edit", "path"), [
+    ("target", lambda c: c["text_config"].update(intermediate_size=16384), "text.intermediate"),
+    ("target", lambda c: c["text_config"]["per_layer_config"]["5"].update(num_key_value_heads=2), "text.kv_heads.full"),
+    ("target", lambda c: c["text_config"]["layer_types"].__setitem__(0, "full_attention"), "text.layer_pattern"),
+    ("target", lambda c: c["vision_config"].update(mm_posemb_size=2048), "embedders.vision.position_embeddings"),
+    ("target", lambda c: c.update(architectures=["Gemma4ForConditionalGeneration"]), "hf.target_architecture"),
+    ("drafter", lambda c: c["text_config"].update(num_attention_heads=32), "drafter.heads"),
+    ("drafter", lambda c: c["text_config"].update(max_position_embeddings=262144), "drafter.context"),
+])
+def test_a_config_that_contradicts_a_confirmed_fact_is_refused(reg: Registry, role, edit, path) -> None:
+    configs = dict(zip(("target", "drafter"), released_12b_config()))
+    cfg = configs[role]
+    edit(cfg)
+    v = reg.get("12B")
+    assert [m.path for m in config_mismatches(v, role, cfg)] == [path]
+    with pytest.raises(GgufMtpError, match=path.replace(".", r"\.")):
+        check_config(cfg, role, v.hf.target if role == "target" else v.hf.drafter, reg)
+
+
+def test_every_check_names_a_field_and_a_role() -> None:
+    from gguf_mtp.registry import _schema_has
+
+    for path, role, _, _ in CONFIG_CHECKS:
+        assert _schema_has(path) and role in ("target", "drafter"), path
+
+
 # --- name lookup ----------------------------------------------------------------------------------------
 
 
@@ -156,6 +249,8 @@ def test_schema_tables_cover_the_dataclasses() -> None:
         ("26b", "26B-A4B"),
         ("26B_A4B", "26B-A4B"),
         ("google/gemma-4-26B-A4B-it", "26B-A4B"),
+        ("google/gemma-4-12B-it-assistant", "12B"),
+        ("gemma-4-12b-unified", "12B"),
     ],
 )
 def test_lookup_accepts_names_and_aliases(reg: Registry, spelling: str, name: str) -> None:
@@ -166,7 +261,7 @@ def test_lookup_accepts_names_and_aliases(reg: Registry, spelling: str, name: st
 def test_unknown_variant_lists_valid_names(reg: Registry) -> None:
     with pytest.raises(GgufMtpError) as e:
         reg.get("e3b")
-    assert str(e.value) == "unknown model variant 'e3b' (valid: E2B, E4B, 26B-A4B, 31B)"
+    assert str(e.value) == "unknown model variant 'e3b' (valid: E2B, E4B, 12B, 26B-A4B, 31B)"
 
 
 def test_name_key() -> None:

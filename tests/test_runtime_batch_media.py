@@ -136,7 +136,7 @@ def test_concurrent_image_and_text_requests_equal_the_single_sequence_loop(batch
         assert fin.stats.proposed > 0  # MTP stayed on (after the image, for image requests)
         assert fin.stats.prefill_tokens == len(prompt) and fin.stats.reused_tokens == 0
         if m is not None:
-            assert m.encoded == m.image_tokens == ref_media.image_tokens >= 80
+            assert m.encoded == m.media_tokens == ref_media.media_tokens >= 80
             # the drafter's first input is the hidden row of the last prompt position, as in the single loop
             eng, _ = single
             eng.truncate(0)
@@ -197,13 +197,13 @@ def test_a_failing_image_decode_fails_its_request_and_the_rest_go_on(batch, sing
     ours, theirs = prompts
     for seq in range(N_SEQ):
         batch.truncate(seq, 0)
-    real = MediaPrompt.eval_image
+    real = MediaPrompt.eval_span
 
     def broken(self, *args):  # fails after writing the image's cells (as a failing second ubatch would)
         real(self, *args)
         raise GgufMtpError("target decode of an image failed (code 1) at position 5")
 
-    monkeypatch.setattr(MediaPrompt, "eval_image", broken)
+    monkeypatch.setattr(MediaPrompt, "eval_span", broken)
     sched = Scheduler(batch)
     text_prompt, _ = ours.make([("the cat sat on the mat", None)])
     text = sched.submit(Request(text_prompt, 16, draft=K, ignore_eog=True))
@@ -240,7 +240,7 @@ def test_media_requests_are_checked_before_they_are_queued(batch, single, prompt
             (Request(closed.tokens, 4, media=closed), "closed one")):
         with pytest.raises(GgufMtpError, match=what):
             sched.submit(request)
-    assert media.problems(64) == [f"media: an image of {media.image_tokens} tokens must be decoded in one batch: "
-                                  f"raise --ubatch-size and --batch-size to at least {media.image_tokens} (now 64)"]
+    assert media.problems(64) == [f"media: an image of {media.media_tokens} tokens must be decoded in one batch: "
+                                  f"raise --ubatch-size and --batch-size to at least {media.media_tokens} (now 64)"]
     assert media.problems(batch.n_ubatch) == []
     assert sched.snapshot().queued == 0

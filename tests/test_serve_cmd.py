@@ -197,3 +197,26 @@ def test_vram_plans_the_placement_for_real_files(tiny_ggufs):
     assert out["settings"]["n_ctx"] > 4096  # the planner's largest context, not the default
     r = CliRunner().invoke(main, ["serve-cmd", "--target", str(t), "--drafter", str(d), "--vram", "1KiB"])
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and "fit" in r.stderr
+
+
+def test_12b_serve_cmd_and_modelfile_from_a_16gib_plan(skeletons, tmp_path):
+    """The 12B's files (full-size skeletons: target Q4_K_M, drafter Q8_0, the F16 projector with both embedders)
+    planned for a 16 GiB card: the registry's draft length (3) for its shape, the projector and drafter on the
+    GPU, the plan's whole 262,144-token context; the Modelfile says the same through FROM / DRAFT / PARAMETER."""
+    t, d, m = (str(skeletons.get("12B", role, q)) for role, q in (("target", "Q4_K_M"), ("drafter", "Q8_0"),
+                                                                    ("mmproj", None)))
+    assert render.recommended_draft_length(3840, 48) == 3
+    r = CliRunner().invoke(main, ["serve-cmd", "--target", t, "--drafter", d, "--mmproj", m, "--vram", "16GiB",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    argv = json.loads(r.stdout)["argv"]
+    opt = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert (opt("--mmproj"), opt("-md"), opt("--spec-draft-n-max"), opt("-c")) == (m, d, "3", "262144")
+    assert "--no-mmproj-offload" not in argv and opt("-ngl") == "all" and opt("-ngld") == "all"
+    out = tmp_path / "Modelfile"
+    r = CliRunner().invoke(main, ["modelfile", "--target", t, "--drafter", d, "--mmproj", m, "--vram", "16GiB",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = out.read_text().splitlines()
+    assert f"FROM {t}" in lines and f"FROM {m}" in lines and f"DRAFT {d}" in lines
+    assert "PARAMETER draft_num_predict 3" in lines and "PARAMETER num_ctx 262144" in lines

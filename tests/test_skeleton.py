@@ -21,7 +21,7 @@ from gguf_mtp.registry import SCHEMA_VERSION, Variant, get_variant, parse_regist
 from gguf_mtp.tiny.configs import FAMILIES, F, S, layer_geometry
 
 
-@pytest.mark.parametrize("variant", ["E2B", "E4B", "26B-A4B", "31B"])
+@pytest.mark.parametrize("variant", ["E2B", "E4B", "12B", "26B-A4B", "31B"])
 def test_layout_matches_registry_parameter_count(variant: str) -> None:
     """The registry's parameter estimate counts the skeleton's tensors (tied head once), all but the generated
     rope_freqs."""
@@ -112,9 +112,11 @@ def test_skeleton_is_what_the_exporter_writes(exports, tmp_path, family: str, ro
 
 
 def test_projector_skeleton_is_what_the_exporter_writes(projectors, tmp_path) -> None:
+    """The vision part (tiny-e's audio tower has toy subsampling channels models.json does not describe: the
+    registry's conformers take Gemma4AudioConfig's, layout.audio_hparams)."""
     skeleton = tmp_path / "mmproj.gguf"
     write_sparse(skeleton, base_layout(family_variant(PROJECTOR_FAMILY), "mmproj", "F32"))
-    s, e = read_gguf(skeleton, tokens=False), read_gguf(projectors.get(), tokens=False)
+    s, e = read_gguf(skeleton, tokens=False), read_gguf(projectors.get(audio=False), tokens=False)
     assert _tensors(s, {t.name for t in s.tensors if t.name.endswith(SKELETON_ONLY)}) == _tensors(e, EXPORT_ONLY)
     assert set(s.metadata) == set(e.metadata)
     differ = (*STAND_IN, Keys.General.SIZE_LABEL)  # the size label counts the tensors above
@@ -129,6 +131,26 @@ def test_shared_kv_layers_have_no_kv_weights() -> None:
     layout = base_layout(get_variant("31B"), "target")
     names = {t.name for t in layout.tensors}
     assert "blk.4.attn_v.weight" in names and "blk.5.attn_v.weight" not in names  # k_eq_v on full layers
+
+
+def test_12b_skeletons_match_the_published_files(tmp_path) -> None:
+    """What public copies of the 12B's files show (models.json sources hf-12b-it, hf-12b-assistant): a Q4_K_M
+    target of 667 tensors (338 F32, 284 Q4_K, 45 Q6_K), the drafter's BF16 and Q8_0 files 861,520,128 and
+    465,109,248 bytes -- ours differ by the same 8,011,232 bytes in both, the real tokenizer's merges our stand-in
+    vocabulary lacks -- and an F16 projector (vision and audio embedders) of 116.4 MiB."""
+    from collections import Counter
+
+    target = layout_for("12B", "target", "Q4_K_M")
+    assert Counter(t.type for t in target.tensors) == {"F32": 338, "Q4_K": 284, "Q6_K": 45}
+    names = {t.name for t in target.tensors}
+    assert "blk.4.attn_v.weight" in names and "blk.5.attn_v.weight" not in names  # k_eq_v full layers
+    header = 8_011_232
+    for quant, published in ((None, 861_520_128), ("Q8_0", 465_109_248)):
+        assert write_sparse(tmp_path / f"d{quant}.gguf", layout_for("12B", "drafter", quant)) + header == published
+    mmproj = layout_for("12B", "mmproj")
+    assert round(mmproj.n_bytes / 2**20, 1) == 116.4
+    assert {mmproj.metadata.plain()[k] for k in ("clip.vision.projector_type", "clip.audio.projector_type")} == \
+        {"gemma4uv", "gemma4ua"}
 
 
 def test_skeleton_is_sparse_and_readable(tmp_path) -> None:

@@ -1,6 +1,6 @@
-"""The tiny Gemma 4 checkpoints (gguf_mtp.tiny): layout on disk, determinism, the CLI, and that
-transformers 5.23.0 (patched, gguf_mtp/transformers_reference.py) loads and runs every target, drafter and the
-vision tower.
+"""The tiny Gemma 4 checkpoints (gguf_mtp.tiny): layout on disk, determinism, the CLI, that transformers 5.23.0
+(patched, gguf_mtp/transformers_reference.py) loads and runs every target, drafter, vision and audio part, and
+that the vendored upstream converter (convert_hf_to_gguf.py) accepts them.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from gguf_mtp.errors import GgufMtpError
-from gguf_mtp.tiny import FAMILIES, configs, make_tiny_models
-from gguf_mtp.tiny.configs import F, S
+from gguf_mtp.tiny import FAMILIES, build_family, configs, make_tiny_models
+from gguf_mtp.tiny.configs import F, LAYOUTS, MULTIMODAL_IDS, S
 from gguf_mtp.tiny.tokenizer import BYTE_TOKENS, CHAT_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +28,14 @@ def st_header(path: Path) -> dict:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
+
+
+def weights_by_name(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
+    """name -> (dtype, shape, raw bytes) of a safetensors file."""
+    header, raw = st_header(path), path.read_bytes()
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    return {k: (v["dtype"], v["shape"], raw[start + v["data_offsets"][0]:start + v["data_offsets"][1]])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def longest_run(tokens: list[int]) -> int:
@@ -56,24 +64,44 @@ def test_files_and_configs(tiny_root: Path, family: str):
         assert floats == {"BF16" if spec.dtype == "bfloat16" else "F32"}
     target = json.loads((tiny_root / family / "target" / "config.json").read_text())
     drafter = json.loads((tiny_root / family / "drafter" / "config.json").read_text())
+    layout = LAYOUTS[spec.layout]
     assert target["architectures"] == [spec.architecture]
-    assert drafter["architectures"] == ["Gemma4AssistantForCausalLM"]
+    assert drafter["architectures"] == [layout.drafter] and drafter["model_type"] == layout.drafter_model_type
     text = target.get("text_config", target)
     assert drafter["backbone_hidden_size"] == text["hidden_size"] != drafter["text_config"]["hidden_size"]
     assert ("per_layer_config" in text) == (spec.config_style == "resaved")
     gen = json.loads((tiny_root / family / "drafter" / "generation_config.json").read_text())
-    assert gen["num_assistant_tokens"] == spec.num_assistant_tokens
-    if spec.vision is not None:
-        assert target["vision_config"]["model_type"] == "gemma4_vision"
+    assert gen["num_assistant_tokens"] == spec.num_assistant_tokens and "suppress_tokens" not in gen
+    target_gen = json.loads((tiny_root / family / "target" / "generation_config.json").read_text())
+    assert target_gen.get("suppress_tokens", []) == list(spec.suppress_tokens)
+    if spec.multimodal:
+        assert target["model_type"] == layout.model_type
+        assert (target["vision_config"], target["audio_config"]) == (spec.vision, spec.audio)
+    has_proc = (tiny_root / family / "target" / "processor_config.json").is_file()
+    assert has_proc == (spec.vision is not None)
+    if has_proc:  # transformers 5 nests every sub-processor; llama.cpp's mmproj converter reads the image part
         proc = json.loads((tiny_root / family / "target" / "processor_config.json").read_text())
+        assert proc["processor_class"] == layout.processor
         assert proc["image_processor"]["image_mean"] == [0.0, 0.0, 0.0]
+        assert proc["image_processor"]["image_processor_type"] == layout.image_processor
+        assert proc["video_processor"]["video_processor_type"] == layout.video_processor
+        assert ("feature_extractor" in proc) == (spec.audio is not None)
 
 
 def test_family_table_covers_the_variants():
     """One family per layout the exporters must handle (see gguf_mtp/tiny/__init__.py)."""
-    e, dense, moe, q = (FAMILIES[n] for n in ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q"))
+    e, dense, moe, q, uni = (FAMILIES[n] for n in ("tiny-e", "tiny-dense", "tiny-moe", "tiny-q", "tiny-unified"))
     assert e.target_text["num_kv_shared_layers"] and e.target_text["hidden_size_per_layer_input"]
     assert e.vision is not None and e.drafter_head["use_ordered_embeddings"]
+    assert e.audio["model_type"] == "gemma4_audio" and e.audio["output_proj_dims"] not in (
+        e.audio["hidden_size"], e.target_text["hidden_size"])
+    assert uni.layout == "gemma4_unified" and uni.multimodal and uni.config_style == "resaved"
+    assert uni.target_text["model_type"] == uni.drafter_text["model_type"] == "gemma4_unified_text"
+    assert uni.target_text["layer_types"] == [S] * 5 + [F] + [S] * 5 + [F]  # the 12B's 5:1 pattern, twice
+    assert uni.target_text["use_bidirectional_attention"] == "vision"
+    assert "moe_intermediate_size" in uni.target_text and "hidden_size_per_layer_input" not in uni.target_text
+    assert uni.vision["mm_embed_dim"] == uni.vision["output_proj_dims"] != uni.target_text["hidden_size"]
+    assert uni.audio["audio_embed_dim"] == 640 and set(uni.suppress_tokens) <= set(MULTIMODAL_IDS.values())
     assert dense.target_text["attention_k_eq_v"] and dense.architecture == "Gemma4ForCausalLM"
     assert dense.target_text["num_global_key_value_heads"] != dense.target_text["num_key_value_heads"]
     assert moe.target_text["enable_moe_block"] and moe.tokenizer == "spm"
@@ -104,6 +132,20 @@ def test_layout_rule_is_enforced():
     drafter = {**configs.FAMILIES["tiny-e"].drafter_text, "head_dim": 16}
     with pytest.raises(GgufMtpError, match="head_dim"):
         configs.check_pair(ok, drafter)
+
+
+def test_audio_tower_leaves_earlier_tensors_unchanged(tiny_root: Path, tmp_path: Path):
+    """Per-name generators: adding tiny-e's audio tower changed no byte of its text and vision tensors."""
+    from dataclasses import replace
+
+    without = build_family(replace(FAMILIES["tiny-e"], audio=None), tmp_path / "tiny-e")
+    for role in ROLES:
+        old = weights_by_name(without / role / "model.safetensors")
+        new = weights_by_name(tiny_root / "tiny-e" / role / "model.safetensors")
+        added = sorted(set(new) - set(old))
+        assert set(old) <= set(new) and all(old[k] == new[k] for k in old), role
+        assert all(k.startswith(("model.audio_tower.", "model.embed_audio.")) for k in added), added
+        assert bool(added) == (role == "target")
 
 
 def test_tokenizer_layout(tiny_root: Path):
@@ -351,3 +393,148 @@ def test_patch_kv_sharing_modes(ref):
     assert modes(FAMILIES["tiny-dense"].target_text) == [None, None, None, None, "store", "store"]
     drafter = Gemma4AssistantConfig(text_config=FAMILIES["tiny-e"].drafter_text, backbone_hidden_size=64)
     assert drafter.text_config.kv_sharing_modes == ["reuse"] * 4
+
+
+def test_patch_kv_sharing_modes_unified(ref):
+    """The same fix on the 12B's own text config class: the last sliding and full layers publish their KV."""
+    from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedTextConfig
+
+    spec = FAMILIES["tiny-unified"]
+    text = configs.target_config(spec)["text_config"]  # as written: per_layer_config, no global_head_dim
+    modes = Gemma4UnifiedTextConfig(**{k: v for k, v in text.items() if k != "model_type"}).kv_sharing_modes
+    assert modes == [None] * 10 + ["store", "store"]
+    drafter = Gemma4UnifiedAssistantConfig(**{k: v for k, v in configs.drafter_config(spec).items()
+                                             if k not in ("architectures", "model_type")})
+    assert drafter.text_config.kv_sharing_modes == ["reuse"] * 4
+
+
+# --- media through transformers ----------------------------------------------------------------------
+
+AUDIO_SECONDS = 0.5
+MEDIA_MARKERS = {"image": ("<|image>", "<|image|>", "<image|>"), "audio": ("<|audio>", "<|audio|>", "<audio|>")}
+
+
+def waveform(seconds: float = AUDIO_SECONDS) -> np.ndarray:
+    """A deterministic 16 kHz clip: a rising tone over a little noise."""
+    t = np.arange(int(seconds * configs.SAMPLING_RATE)) / configs.SAMPLING_RATE
+    tone = 0.5 * np.sin(2 * np.pi * (220 + 440 * t) * t)
+    return (tone + 0.05 * np.random.default_rng(0).standard_normal(t.size)).astype(np.float32)
+
+
+def media_prompt(ref, target_dir: Path, kind: str, n_soft: int) -> list[int]:
+    """A user turn with one media part, expanded as the processors do: begin marker, n soft tokens, end marker."""
+    begin, soft, end = MEDIA_MARKERS[kind]
+    parts = [{"type": kind}, {"type": "text", "text": "What?"}]
+    text = ref.render_chat(target_dir, [{"role": "user", "content": parts}])
+    return ref.tokenize(target_dir, text.replace(soft, begin + soft * n_soft + end))
+
+
+def assert_media_moves_only_what_follows(with_media, text_only, ids: list[int], soft_id: int) -> None:
+    import torch
+
+    first = ids.index(soft_id)
+    assert torch.isfinite(with_media).all()
+    assert torch.allclose(with_media[0, :first], text_only[0, :first], atol=1e-5)  # causal: nothing before moves
+    assert not torch.allclose(with_media[0, first:], text_only[0, first:])
+
+
+@pytest.mark.reference
+def test_feature_extractors_load_from_processor_config(tiny_root: Path):
+    """AutoFeatureExtractor finds the nested feature_extractor in processor_config.json (both layouts)."""
+    from transformers import AutoFeatureExtractor
+
+    for family in ("tiny-e", "tiny-unified"):
+        fe = AutoFeatureExtractor.from_pretrained(tiny_root / family / "target")
+        assert type(fe).__name__ == LAYOUTS[FAMILIES[family].layout].feature_extractor
+        assert fe.sampling_rate == configs.SAMPLING_RATE
+    fe = AutoFeatureExtractor.from_pretrained(tiny_root / "tiny-unified" / "target")
+    out = fe([waveform()], return_tensors="pt")
+    frame = FAMILIES["tiny-unified"].audio["audio_embed_dim"]
+    assert tuple(out["input_features"].shape) == (1, -(-int(AUDIO_SECONDS * 16_000) // frame), frame)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("family", ["tiny-e", "tiny-unified"])
+def test_audio_forward(ref, pairs, tiny_root: Path, family: str):
+    """A synthetic clip through transformers' own feature extractor, the audio part and the text model."""
+    import torch
+    from transformers import AutoFeatureExtractor
+
+    target, _ = pairs(family)
+    d = tiny_root / family / "target"
+    # a list of clips, as the processor passes them: Gemma4AudioFeatureExtractor fails on a bare 1-D array
+    feats = AutoFeatureExtractor.from_pretrained(d)([waveform()], return_tensors="pt")
+    features, mask = feats["input_features"], feats["input_features_mask"]
+    with torch.no_grad():
+        audio = target.model.get_audio_features(features, mask)
+    n_soft = int(audio.attention_mask.sum())
+    # E2B's conformer halves time twice (40 ms per token); the 12B projects each 40 ms frame as it is
+    assert n_soft == -(-int(AUDIO_SECONDS * 1000) // 40)
+    assert audio.pooler_output.shape[-1] == ref.text_config(target).hidden_size
+    ids = media_prompt(ref, d, "audio", n_soft)
+    with torch.no_grad():
+        with_audio = target(input_ids=torch.tensor([ids]), input_features=features, input_features_mask=mask).logits
+        text_only = target(input_ids=torch.tensor([ids])).logits
+    assert_media_moves_only_what_follows(with_audio, text_only, ids, MULTIMODAL_IDS["audio_token_id"])
+
+
+@pytest.mark.reference
+def test_unified_image_forward(ref, pairs, tiny_root: Path):
+    """The 12B's vision embedder on raw 48x48 patches, with the bidirectional image attention it turns on.
+
+    transformers' Gemma4UnifiedImageProcessor needs torchvision (absent here); at a size it would not resize,
+    its patches are reference.image_inputs' rows at patch_size * pooling_kernel_size with no pooling.
+    """
+    import torch
+
+    target, _ = pairs("tiny-unified")
+    vision = FAMILIES["tiny-unified"].vision
+    merged = {"patch_size": vision["patch_size"] * vision["pooling_kernel_size"], "pooling_kernel_size": 1}
+    pixels, positions, n_soft = ref.image_inputs(merged, 96, 144)
+    assert n_soft == 6 and pixels.shape[-1] == 48 * 48 * 3
+    d = tiny_root / "tiny-unified" / "target"
+    ids = media_prompt(ref, d, "image", n_soft)
+    image_id = MULTIMODAL_IDS["image_token_id"]
+    types = torch.tensor([[int(t == image_id) for t in ids]])  # what the processor's mm_token_type_ids mark
+    inputs = {"input_ids": torch.tensor([ids]), "pixel_values": pixels, "image_position_ids": positions}
+    with torch.no_grad():
+        feats = target.model.get_image_features(pixels, positions).pooler_output
+        with_image = target(**inputs, mm_token_type_ids=types).logits
+        causal = target(**inputs).logits
+        text_only = target(input_ids=torch.tensor([ids])).logits
+    assert [tuple(f.shape) for f in feats] == [(n_soft, ref.text_config(target).hidden_size)]
+    assert_media_moves_only_what_follows(with_image, text_only, ids, image_id)
+    first = ids.index(image_id)
+    # bidirectional on sliding layers: the first image token already sees the later ones
+    assert torch.allclose(with_image[0, :first], causal[0, :first], atol=1e-5)
+    assert not torch.allclose(with_image[0, first], causal[0, first], atol=1e-4)
+
+
+# --- the vendored upstream converter -----------------------------------------------------------------
+
+
+@pytest.mark.upstream
+def test_upstream_converter_accepts_unified_and_audio(tiny_root: Path, tmp_path: Path):
+    """convert_hf_to_gguf.py (llama-cpp-python 0.3.36 sdist) converts the 12B-style target, its drafter and
+    projector (GEMMA4UV + GEMMA4UA), and tiny-e's projector with its audio tower (GEMMA4V + GEMMA4A)."""
+    from upstream import converter_tree, read_gguf, run_converter
+
+    lcpp = converter_tree()
+    uni, e = tiny_root / "tiny-unified", tiny_root / "tiny-e"
+    out = {name: tmp_path / f"{name}.gguf" for name in ("target", "drafter", "mmproj", "e-mmproj")}
+    run_converter(lcpp, [(uni / "target", out["target"], "f32"), (uni / "drafter", out["drafter"], "f32")])
+    run_converter(lcpp, [(uni / "target", out["mmproj"], "f32"), (e / "target", out["e-mmproj"], "f32")], "--mmproj")
+    got = {name: read_gguf(path) for name, path in out.items()}
+    kv = {name: {k: v[0] for k, v in g[0].items()} for name, g in got.items()}
+    tensors = {name: set(g[1]) for name, g in got.items()}
+    assert kv["target"]["general.architecture"] == "gemma4"
+    assert kv["drafter"]["general.architecture"] == "gemma4-assistant"
+    assert kv["target"]["tokenizer.ggml.suppress_tokens"] == list(FAMILIES["tiny-unified"].suppress_tokens)
+    assert kv["target"]["gemma4.block_count"] == 12 and kv["target"]["gemma4.attention.key_length"] == 32
+    for name, types in {"mmproj": ("gemma4uv", "gemma4ua"), "e-mmproj": ("gemma4v", "gemma4a")}.items():
+        assert (kv[name]["clip.vision.projector_type"], kv[name]["clip.audio.projector_type"]) == types
+        assert kv[name]["clip.has_audio_encoder"] is True and "mm.a.input_projection.weight" in tensors[name]
+    assert tensors["mmproj"] == {"mm.input_projection.weight", "mm.a.input_projection.weight", "v.patch_embd.weight",
+                                 "v.patch_embd.bias", "v.position_embd.weight",
+                                 *(f"v.patch_norm.{i}.{w}" for i in (1, 2, 3) for w in ("weight", "bias"))}
+    assert any(t.startswith("a.blk.1.") for t in tensors["e-mmproj"])

@@ -4,7 +4,7 @@
     tools/make_tiny_models.py OUTDIR [--seed N] [--family NAME ...] [--force]
 
 Writes OUTDIR/<family>/{target,drafter} in the Hugging Face layout; families: tiny-e, tiny-dense,
-tiny-moe, tiny-q (all by default; repeat --family or separate names with commas). An existing family
+tiny-moe, tiny-q, tiny-unified (all by default; repeat --family or separate names with commas). An existing family
 directory is refused unless --force. Bad input prints one ``error:`` line and exits non-zero.
 """
 

@@ -6,6 +6,7 @@ Everything in the table comes from the planner (gguf_mtp/planning: the exporter'
 variant, llama.cpp's per-tensor quant types from gguf_mtp/quantmix.py); nothing is typed in by hand. Re-run after changing the registry or the memory model:
 
     python3 tools/plan_table.py [--vram 24GiB] [--margin 1GiB] [-o docs/plan.md] [--matrix bench-output.json]
+    python3 tools/plan_table.py --readme   # the README's table: every variant on 12, 16 and 24 GB cards
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from gguf_mtp.settings import RuntimeSettings  # noqa: E402
 
 QUANT, DRAFTER_QUANT = "Q4_K_M", "Q8_0"
 PARALLEL = 4  # the parallel-sequences table: `gguf-mtp serve --parallel 4`
+CARDS = ("12GiB", "16GiB", "24GiB")  # the README's table: the cards people own
+README_START, README_END = "<!-- plan-table:start -->", "<!-- plan-table:end -->"
 
 
 def gib(n: int) -> str:
@@ -46,7 +49,7 @@ def rows(vram: str, margin: str, n_parallel: int = 1) -> list[dict]:
     out = []
     for v in load_registry():
         for vision in (True, False) if n_parallel == 1 else (False,):
-            if vision and v.vision is None:
+            if vision and not v.has_vision:
                 continue
             files = search.files_from_variant(v.name, QUANT, DRAFTER_QUANT, vision=vision)
             p = search.plan(search.Request(files, memory.parse_size(vram), memory.parse_size(margin),
@@ -200,13 +203,41 @@ def markdown(table: list[dict], parallel: list[dict], vram: str, margin: str, ma
     return "\n".join(lines) + "\n"
 
 
+def readme_table(margin: str) -> str:
+    """The README's "does it fit" table: every variant on each of CARDS, with the projector (vision and audio
+    parts) and without."""
+    lines = ["| card | variant | projector | GPU placement | KV cache | max context | GPU total |",
+             "|---|---|---|---|---|---:|---:|"]
+    for card in CARDS:
+        for r in rows(card, margin):
+            ctx = f"{r['n_ctx']:,}" if r["fits"] else "-"
+            place = r["placement"] if r["fits"] else "does not fit"
+            lines.append(f"| {card.replace('GiB', ' GB')} | {r['variant']} | {'yes' if r['vision'] else 'no'} | "
+                         f"{place} | {r['kv_type'] if r['fits'] else '-'} | {ctx} | {gib(r['gpu_total'])} |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, table: str) -> None:
+    """Replace the table between the README's plan-table markers (nothing else in the file changes)."""
+    text = path.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    path.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", nargs="?", const=str(REPO / "README.md"),
+                    help="Only rewrite the README's 'does it fit' table (12, 16 and 24 GB cards).")
     ap.add_argument("--vram", default="24GiB")
     ap.add_argument("--margin", default="1GiB")
     ap.add_argument("-o", "--output", default=str(REPO / "docs" / "plan.md"))
     ap.add_argument("--matrix", help="JSON written by bench/plan_matrix.py --json, for the agreement table.")
     args = ap.parse_args()
+    if args.readme:
+        table = readme_table(args.margin)
+        write_readme(Path(args.readme), table)
+        print(table)
+        return 0
     table, parallel = rows(args.vram, args.margin), rows(args.vram, args.margin, PARALLEL)
     matrix = json.loads(Path(args.matrix).read_text()) if args.matrix else None
     text = markdown(table, parallel, args.vram, args.margin, matrix, split_rows(args.margin))

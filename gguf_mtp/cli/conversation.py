@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,9 +26,9 @@ def _chat_status(s: Any, seconds: float) -> str:
 
 def _chat_summary(reply: Any) -> str:
     s = reply.stats
-    image = f", {reply.image_tokens} image tokens encoded" if reply.image_tokens else ""
+    media = f", {reply.media_tokens} media tokens encoded" if reply.media_tokens else ""
     return (f"[{_chat_status(s, s.generate_time)}, {s.mean_accepted_length:.2f} tokens/round; prompt "
-            f"{reply.prompt_tokens} tokens: {s.prefill_tokens} read, {s.reused_tokens} cached{image}; "
+            f"{reply.prompt_tokens} tokens: {s.prefill_tokens} read, {s.reused_tokens} cached{media}; "
             f"stop: {s.stop_reason}]")
 
 
@@ -95,14 +95,14 @@ class _ChatView:
             click.echo(text, nl=False)
 
 
-def _chat_turn(session: Any, text: str, image: Any, hide_thoughts: bool) -> None:
+def _chat_turn(session: Any, text: str, media: dict[str, Any], hide_thoughts: bool) -> None:
     """One message and its streamed reply. Ctrl-C stops the reply; the session keeps what was generated (the
     engine trimmed its cache to exactly that) or, when no token came yet, forgets the message."""
     from ..runtime.chat import Notice, Reply, Text
 
     reply, finished = None, len(session.history)
     with _ChatView(session, hide_thoughts) as view:
-        events = session.send(text, image)
+        events = session.send(text, **media)
         try:
             for ev in events:
                 if isinstance(ev, Text):
@@ -140,26 +140,32 @@ class _Repl:
     session: Any
     projector: Any
     hide_thoughts: bool
-    pending: Any = None  # an image waiting for the next message
+    pending: dict[str, Any] = field(default_factory=dict)  # "image" / "audio" -> media waiting for the next message
     exit_code: int = 0  # the first refused line's; the chat goes on, the exit status tells a script
 
     def send(self, text: str) -> None:
-        image, self.pending = self.pending, None  # the session owns it from here
-        _chat_turn(self.session, text, image, self.hide_thoughts)
+        media, self.pending = self.pending, {}  # the session owns them from here
+        _chat_turn(self.session, text, media, self.hide_thoughts)
+
+    def attach(self, kind: str, path: str) -> None:
+        """Read an image or audio file (``kind``) for the next message, replacing one of the same kind."""
+        reader, needs = READERS[kind]
+        if self.projector is None:
+            raise GgufMtpError(f"/{kind} needs {needs}: restart with --mmproj FILE")
+        # the projector refuses a kind it has no encoder for; no shell expanded ~ here
+        item = getattr(self.projector, reader)(Path(path).expanduser())
+        if kind in self.pending:
+            self.pending[kind].close()
+        self.pending[kind] = item
+        click.echo(f"({item.describe()}: it goes with your next message)", err=True)
 
     def close(self) -> None:
-        if self.pending is not None:
-            self.pending.close()
+        for item in self.pending.values():
+            item.close()
 
 
-def _image(repl: _Repl, arg: str) -> None:
-    if repl.projector is None:
-        raise GgufMtpError("/image needs a vision projector: restart with --mmproj FILE")
-    image = repl.projector.load_image(Path(arg).expanduser())  # no shell expanded ~ here
-    if repl.pending is not None:
-        repl.pending.close()
-    repl.pending = image
-    click.echo(f"(image {image.source}, {image.width}x{image.height}: it goes with your next message)", err=True)
+# what /image and /audio (and --image, --audio) attach -> (the Projector's reader, what it needs)
+READERS = {"image": ("load_image", "a vision projector"), "audio": ("load_audio", "a projector with audio")}
 
 
 def _reset(repl: _Repl, arg: str) -> None:
@@ -177,7 +183,10 @@ class ChatCommand(NamedTuple):
 
 COMMANDS: tuple[ChatCommand, ...] = (
     ChatCommand("/help", "", "this list", lambda repl, arg: click.echo(commands_help(), err=True)),
-    ChatCommand("/image", "PATH", "attach an image to your next message (needs --mmproj)", _image),
+    ChatCommand("/image", "PATH", "attach an image to your next message (needs --mmproj)",
+                lambda repl, arg: repl.attach("image", arg)),
+    ChatCommand("/audio", "PATH", "attach a WAV/FLAC clip to your next message (needs --mmproj with audio)",
+                lambda repl, arg: repl.attach("audio", arg)),
     ChatCommand("/reset", "", "forget the conversation (the system prompt stays)", _reset),
     ChatCommand("/stats", "", "a table of the turns so far", lambda repl, arg: _chat_stats(repl.session)),
     ChatCommand("/exit", "", "end the chat (so do Ctrl-D, and Ctrl-C at the prompt)", lambda repl, arg: True,
@@ -244,25 +253,28 @@ def _repl(repl: _Repl, stdin: Any, interactive: bool) -> None:
 @click.command("chat")
 @click.option("--target", required=True, type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
 @click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
-@click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip), for images.")
+@click.option("--mmproj", type=click.Path(dir_okay=False), help="Projector GGUF (clip), for images and audio.")
 @click.option("--system", help="System prompt.")
 @click.option("--think", is_flag=True, help="Gemma 4 thinking mode (<|think|> in the system turn).")
 @click.option("--hide-thoughts", is_flag=True, help="Do not show the thinking part of replies.")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), help="An image for the first message "
               "(needs --mmproj; later: /image PATH).")
+@click.option("--audio", "audio_path", type=click.Path(dir_okay=False), help="A WAV/FLAC clip for the first "
+              "message (needs --mmproj with audio; later: /audio PATH).")
 @click.option("-n", "--max-tokens", default=512, show_default=True, type=click.IntRange(min=1),
               help="Tokens per reply at most.")
 @decode_options
 @click.option("--allow-no-drafter", is_flag=True, help="Go on without the drafter if it cannot be loaded.")
 @runtime_options
 @click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr.")
-def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, max_tokens, temp, top_k, top_p,
-             min_p, seed, accept, draft_max, adaptive, draft_cap, allow_no_drafter, verbose, **runtime) -> None:
-    """Chat with TARGET (+ MTP DRAFTER, + vision projector) in a REPL reading stdin line by line.
+def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, audio_path, max_tokens, temp, top_k,
+             top_p, min_p, seed, accept, draft_max, adaptive, draft_cap, allow_no_drafter, verbose, **runtime) -> None:
+    """Chat with TARGET (+ MTP DRAFTER, + projector for images and audio) in a REPL reading stdin line by line.
 
     The conversation is rendered with the GGUF's chat template each turn and the KV cache is reused, so a turn
     reads only what is new; when the context fills, the oldest turns after the system prompt are dropped.
-    Ctrl-C stops a reply and the chat goes on; a line that cannot be done prints one error line and the chat goes
+    Images and audio clips go before the next message; MTP drafting goes on after them. Ctrl-C stops a reply
+    and the chat goes on; a line that cannot be done prints one error line and the chat goes
     on (the exit status is then non-zero).
 
     \b
@@ -273,6 +285,7 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
     Examples:
       gguf-mtp chat --target t.gguf --drafter d.gguf --system "Be brief." --think
       gguf-mtp chat --target t.gguf --drafter d.gguf --mmproj m.gguf --image cat.png --plan plan.json
+      gguf-mtp chat --target t.gguf --drafter d.gguf --mmproj m.gguf --audio question.wav
       printf 'hi\\n/stats\\n' | gguf-mtp chat --target t.gguf --drafter d.gguf -n 64
     """
     from ..pairing import facts_from_gguf, require_compatible
@@ -282,10 +295,12 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
     from ..runtime.sampling import SamplingParams
 
     draft = draft_settings(draft_max, adaptive, draft_cap)
-    if image_path is not None and mmproj is None:
-        raise GgufMtpError("--image needs a vision projector: add --mmproj FILE")
-    if image_path is not None and not Path(image_path).is_file():
-        raise GgufMtpError(f"image {image_path} does not exist")
+    first = {kind: path for kind, path in (("image", image_path), ("audio", audio_path)) if path is not None}
+    for kind, path in first.items():
+        if mmproj is None:
+            raise GgufMtpError(f"--{kind} needs {READERS[kind][1]}: add --mmproj FILE")
+        if not Path(path).is_file():
+            raise GgufMtpError(f"{kind} {path} does not exist")
     settings = runtime_settings(**runtime, draft=draft)
     if mmproj is not None:  # the whole set, before any weights load
         require_compatible(facts_from_gguf(target), facts_from_gguf(drafter) if drafter else None,
@@ -304,10 +319,11 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
         stack.callback(session.close)
         repl = _Repl(session, proj, hide_thoughts)
         stack.callback(repl.close)
-        repl.pending = proj.load_image(image_path) if image_path else None
+        for kind, path in first.items():
+            repl.attach(kind, path)
         if interactive:
             what = "MTP drafter" if eng.has_drafter else "no drafter"
-            err_console.print(f"[dim]{Path(target).name} ({what}{', vision' if proj else ''}), context "
+            err_console.print(f"[dim]{Path(target).name} ({what}{', ' + proj.kinds if proj else ''}), context "
                               f"{eng.n_ctx}. Commands: {CHAT_COMMANDS}. Ctrl-D quits.[/dim]",
                               highlight=False)
         _repl(repl, stdin, interactive)

@@ -45,14 +45,16 @@ def _convert_progress(enabled: bool):
 @click.option("--target", metavar="TARGET", help="Drafters and --mmproj: the target (GGUF, directory or cached repo "
               "id) to pair-check against before writing.")
 @click.option("--centroids", is_flag=True, help="Drafters: keep the centroid head (only our patched llama.cpp loads it).")
-@click.option("--mmproj", is_flag=True, help="Write the vision projector (clip, gemma4v) of a multimodal target "
-              "instead of its text model.")
+@click.option("--mmproj", is_flag=True, help="Write the projector (clip: vision, and audio where the checkpoint has "
+              "it) of a multimodal target instead of its text model.")
+@click.option("--no-audio", "no_audio", is_flag=True, help="--mmproj: leave the audio part out (a vision-only "
+              "projector).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert_cmd(src: str, output: str, outtype: str, target: str | None, centroids: bool, mmproj: bool, force: bool,
-                as_json: bool) -> None:
-    """Convert a Hugging Face Gemma 4 checkpoint (target, MTP drafter or, with --mmproj, the vision projector)
-    to GGUF.
+def convert_cmd(src: str, output: str, outtype: str, target: str | None, centroids: bool, mmproj: bool,
+                no_audio: bool, force: bool, as_json: bool) -> None:
+    """Convert a Hugging Face Gemma 4 checkpoint (target, MTP drafter or, with --mmproj, the vision and audio
+    projector) to GGUF.
 
     SRC is a checkpoint directory or a repo id already in the local Hugging Face cache (HF_HOME /
     HF_HUB_CACHE; nothing is downloaded). What SRC is comes from its config.json.
@@ -60,17 +62,21 @@ def convert_cmd(src: str, output: str, outtype: str, target: str | None, centroi
     \b
     gguf-mtp convert google/gemma-4-E2B-it -o gemma-4-E2B-it-BF16.gguf
     gguf-mtp convert google/gemma-4-E2B-it --mmproj -o mmproj-gemma-4-E2B-it-F16.gguf --outtype f16
+    gguf-mtp convert google/gemma-4-12B-it --mmproj --no-audio -o mmproj-gemma-4-12B-it-vision-F16.gguf
     gguf-mtp convert ./gemma-4-E2B-it-assistant -o mtp-E2B-F16.gguf --outtype f16 --target gemma-4-E2B-it-BF16.gguf
     """
     from ..export import convert
 
     if mmproj and centroids:
         raise GgufMtpError("--centroids belongs to drafters; --mmproj writes a projector")
+    if no_audio and not mmproj:
+        raise GgufMtpError("--no-audio belongs to --mmproj (a target or drafter GGUF has no audio part)")
     with _convert_progress(not as_json) as bar:
         if mmproj:
             from ..export.projector import convert_projector
 
-            res = convert_projector(src, output, outtype=outtype, target=target, force=force, progress=bar)
+            res = convert_projector(src, output, outtype=outtype, target=target, audio=not no_audio,
+                                    force=force, progress=bar)
         else:
             res = convert(src, output, outtype=outtype, target=target, centroids=centroids, force=force, progress=bar)
     emit(res, as_json, _print_converted)

@@ -17,13 +17,15 @@ from .common import emit, human_size, print_json, print_table
 @click.option("--target", type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
 @click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
 @click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip).")
-@click.option("--variant", metavar="NAME", help="Plan a registry variant before download (E2B, E4B, 26B-A4B, 31B).")
+@click.option("--variant", metavar="NAME", help="Plan a registry variant before download (E2B, E4B, 12B, 26B-A4B, 31B).")
 @click.option("--quant", metavar="TYPE", help="--variant: target quant (default: the registry's recommendation).")
 @click.option("--drafter-quant", metavar="TYPE", help="--variant: drafter quant (default: the registry's).")
 @click.option("--no-drafter", is_flag=True, help="--variant: plan the target without its MTP drafter.")
-@click.option("--vision", is_flag=True, help="--variant: include the vision projector (F16).")
+@click.option("--vision", is_flag=True,
+              help="--variant: include the projector (F16): its vision and audio parts (the 12B: its embedders).")
 @click.option("--vram", default="24GiB", show_default=True,
-              help="GPU memory budget (24GiB, 24GB, 16000MiB); several GPUs: 24GiB,12GiB (CUDA0, CUDA1).")
+              help="GPU memory budget (24GiB, 24GB, 16000MiB); several GPUs: 24GiB,12GiB (CUDA0, CUDA1); 0 with "
+                   "--rpc: no local GPU, every layer on the rpc-servers.")
 @click.option("--gpu", "gpus", multiple=True, metavar="SIZE",
               help="A local GPU's memory, once per GPU in CUDA order (instead of --vram): a layer split across them.")
 @click.option("--rpc", "rpcs", multiple=True, metavar="HOST:PORT=SIZE",
@@ -56,6 +58,7 @@ def plan_cmd(target, drafter, mmproj, variant, quant, drafter_quant, no_drafter,
 
     \b
     gguf-mtp plan --variant 31B --quant Q4_K_M --drafter-quant Q8_0 --vision --vram 24GiB
+    gguf-mtp plan --variant 12B --quant Q4_K_M --vision --vram 16GiB
     gguf-mtp plan --target t.gguf --drafter d.gguf --mmproj m.gguf --ctx 32768 -o plan.json
     gguf-mtp plan --variant 26B-A4B --quant Q4_K_M --parallel 4 --vram 24GiB -o serve-plan.json
     gguf-mtp plan --variant 31B --vision --gpu 24GiB --gpu 12GiB
@@ -105,6 +108,8 @@ def _devices(planner: Any, vram: str, gpus: tuple[str, ...], rpcs: tuple[str, ..
     if gpus and "," in vram:
         raise GgufMtpError("give the GPUs as --gpu SIZE (repeated) or --vram A,B, not both")
     sizes = [planner.parse_size(g) for g in gpus] if gpus else [planner.parse_size(v) for v in vram.split(",")]
+    if sizes == [0] and not gpus:
+        sizes = []  # --vram 0: no local GPU (a client whose devices are all rpc-servers)
     remote = []
     for r in rpcs:
         endpoint, _, size = r.rpartition("=")
@@ -112,8 +117,8 @@ def _devices(planner: Any, vram: str, gpus: tuple[str, ...], rpcs: tuple[str, ..
         if not host or not port.isdigit() or not size:
             raise GgufMtpError(f"--rpc: expected HOST:PORT=SIZE (192.168.1.20:50052=24GiB), got {r!r}")
         remote.append((endpoint, planner.parse_size(size)))
-    if len(sizes) + len(remote) < 2:
-        return ()
+    if len(sizes) + len(remote) < 2 and not remote:
+        return ()  # one local GPU: the plan as before
     return planner.devices_from(sizes, remote)
 
 
@@ -154,6 +159,7 @@ def skeleton_cmd(variant: str, quant: str | None, role: str, output: str, force:
     \b
     gguf-mtp skeleton 31B --quant Q4_K_M -o /tmp/31B-Q4_K_M.gguf
     gguf-mtp skeleton E2B --role drafter --quant Q8_0 -o /tmp/E2B-mtp.gguf
+    gguf-mtp skeleton 12B --quant Q4_K_M -o /tmp/12B-Q4_K_M.gguf
     """
     from ..planning.skeleton import make_skeleton
 

@@ -80,7 +80,7 @@ def describe(src: str | os.PathLike | Source, *, centroids: bool = False) -> Des
     s = src if isinstance(src, Source) else locate(src)
     where = str(s.path / "config.json")
     if s.role == "drafter":
-        d = drafter_hparams(s.config, where)
+        d = drafter_hparams(s.config, where, s.text_model)
         if centroids and not d.ordered_embeddings:
             raise GgufMtpError(f"{where}: --centroids: this drafter has no centroid head "
                                "(use_ordered_embeddings is false)")
@@ -88,14 +88,16 @@ def describe(src: str | os.PathLike | Source, *, centroids: bool = False) -> Des
     else:
         d = None
         tied = s.config.get("tie_word_embeddings") if s.kind.text_config else None
-        text = text_hparams(s.text_config, where, tied=tied if isinstance(tied, bool) else None)
+        text = text_hparams(s.text_config, where, tied=tied if isinstance(tied, bool) else None,
+                            text_model=s.text_model)
         arch = keys.ARCH_TARGET
         problems = pairing.layout_problems(text.layout, text.n_shared_kv)
         if problems:  # llama.cpp would abort the whole process at context creation
             raise GgufMtpError(f"{where}: layer layout {text.layout} with {text.n_shared_kv} KV-shared layers cannot "
                                "run in llama.cpp: " + "; ".join(p.message for p in problems))
     vocab = load_vocab(s.path, s.config)
-    meta = md.model_keys(arch, s.source.rsplit("/", 1)[-1], text, d, vocab, s.source, s.revision, s.role, centroids)
+    meta = md.model_keys(arch, s.source.rsplit("/", 1)[-1], text, d, vocab, s.source, s.revision, s.role, centroids,
+                         s.suppress_tokens())
     return Described(s, arch, text, d, vocab, meta)
 
 

@@ -56,6 +56,37 @@ ASSISTANT_DEFAULTS: dict[str, Any] = {
     "num_centroids": 2048,
     "centroid_intermediate_top_k": 32,
 }
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """One transformers text-model class: its config defaults, the assistant's, and Gemma4TextConfig fields it
+    lacks (its layers never build them, so a config that sets one describes a model we would export wrongly)."""
+
+    defaults: dict[str, Any]
+    assistant_defaults: dict[str, Any]
+    lacks: dict[str, str]  # field -> what it would add
+
+
+# Gemma4UnifiedTextConfig (the 12B) and Gemma4UnifiedAssistantConfig, transformers 5.23.0: no PLE and no MoE
+# fields (its decoder layer is Gemma 2's plus layer_scalar), other defaults for context, window, bidirectional
+# attention and the backbone.
+UNIFIED_TEXT_DEFAULTS: dict[str, Any] = {
+    **TEXT_DEFAULTS,
+    "max_position_embeddings": 262_144,
+    "sliding_window": 1024,
+    "use_bidirectional_attention": "vision",
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 0,
+    "enable_moe_block": False,
+}
+TEXT_MODELS = {
+    "gemma4_text": TextModel(TEXT_DEFAULTS, ASSISTANT_DEFAULTS, {}),
+    "gemma4_unified_text": TextModel(
+        UNIFIED_TEXT_DEFAULTS, {**ASSISTANT_DEFAULTS, "backbone_hidden_size": 3840},
+        {"hidden_size_per_layer_input": "per-layer embeddings", "enable_moe_block": "MoE block"},
+    ),
+}
 # per_layer_config overrides that change a layer's shape (anything else there is refused)
 PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")
 ACTIVATIONS = ("gelu_pytorch_tanh",)  # what llama.cpp's gemma4 graph computes
@@ -266,13 +297,20 @@ def _rope(c: _Cfg) -> dict[str, dict[str, float]]:
     return out
 
 
-def text_hparams(raw: dict[str, Any], where: str, *, tied: bool | None = None, all_shared: bool = False) -> TextHparams:
+def text_hparams(raw: dict[str, Any], where: str, *, tied: bool | None = None, all_shared: bool = False,
+                 text_model: str = "gemma4_text") -> TextHparams:
     """Normalize and check a Gemma 4 text config (the target's, or the drafter's text_config).
 
     ``tied``: the checkpoint-level tie_word_embeddings when it sits outside this dict (multimodal, drafter).
     ``all_shared``: a drafter, whose layers all read the target's KV.
+    ``text_model``: the transformers text model (TEXT_MODELS), for its defaults and the fields it lacks.
     """
-    c = _Cfg(raw, TEXT_DEFAULTS, where)
+    model = TEXT_MODELS[text_model]
+    c = _Cfg(raw, model.defaults, where)
+    for key, what in model.lacks.items():
+        if c.get(key):
+            raise c.fail(f"{key}: {text_model} has no {what} (transformers ignores the field, so the checkpoint "
+                         f"has none to export), got {_short(c.get(key))}")
     n_layer = c.int("num_hidden_layers", 1)
     types = _layer_types(c, n_layer)
     over = _per_layer(c, types)
@@ -344,16 +382,17 @@ def text_hparams(raw: dict[str, Any], where: str, *, tied: bool | None = None, a
     )
 
 
-def drafter_hparams(config: dict[str, Any], where: str) -> DrafterHparams:
-    """A gemma4_assistant config: its own text layers plus the target-facing sizes and the centroid head."""
+def drafter_hparams(config: dict[str, Any], where: str, text_model: str = "gemma4_text") -> DrafterHparams:
+    """A gemma4_assistant / gemma4_unified_assistant config: its own text layers plus the target-facing sizes and
+    the centroid head."""
     text_raw = config.get("text_config")
     if not isinstance(text_raw, dict):
         raise GgufMtpError(f"{where}: a drafter config needs a text_config object")
     tied = config.get("tie_word_embeddings", True)
     if tied is not True:
         raise GgufMtpError(f"{where}: tie_word_embeddings must be true for a drafter (its head is its embedding)")
-    text = text_hparams(text_raw, f"{where} text_config", tied=True, all_shared=True)
-    c = _Cfg(config, ASSISTANT_DEFAULTS, where)
+    text = text_hparams(text_raw, f"{where} text_config", tied=True, all_shared=True, text_model=text_model)
+    c = _Cfg(config, TEXT_MODELS[text_model].assistant_defaults, where)
     d = DrafterHparams(
         text=text,
         backbone=c.int("backbone_hidden_size", 1),

@@ -53,6 +53,9 @@ class Metadata(dict):
     def array(self, key: str, values: list) -> None:
         self.put(key, list(values), T.ARRAY)
 
+    def i32_array(self, key: str, values: list[int]) -> None:
+        self[key] = KV([int(v) for v in values], T.ARRAY, T.INT32)
+
     def u32_or_array(self, key: str, values: list[int], as_array: bool) -> None:
         """llama.cpp reads these keys as a scalar or as one value per layer."""
         if as_array:
@@ -157,12 +160,16 @@ def vocab_keys(v: Vocab) -> Metadata:
 
 
 def model_keys(arch: str, name: str, text: TextHparams, drafter: DrafterHparams | None, vocab: Vocab, source: str,
-               revision: str | None, role: str, centroids: bool = False) -> Metadata:
+               revision: str | None, role: str, centroids: bool = False,
+               suppress_tokens: list[int] | None = None) -> Metadata:
     """Every key of a target (``drafter=None``) or drafter file but the two ``finish`` adds once the tensors are
-    known, in the order written: general, the architecture's, tokenizer, provenance, pairing."""
+    known, in the order written: general, the architecture's, tokenizer, provenance, pairing.
+    ``suppress_tokens``: generation_config.json's, which llama.cpp's samplers mask (the 12B's)."""
     m = general_keys(arch, name, FILE_TYPES[Q.F32])
     m.update(drafter_keys(drafter, centroids) if drafter else text_keys(arch, text))
     m.update(vocab_keys(vocab))
+    if suppress_tokens:
+        m.i32_array(keys.TOKENIZER_SUPPRESS_TOKENS, suppress_tokens)
     m.update(provenance_keys(source, revision, role))
     if drafter:
         m.update(pair_keys(drafter.backbone, vocab))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..errors import GgufMtpError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -24,11 +25,13 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 class Kind:
     """One checkpoint layout we export: the role it plays and where its text weights live."""
 
-    name: str  # "target-multimodal", "target-text", "drafter"
+    name: str  # "target-multimodal", "target-text", "target-unified", "drafter", "drafter-unified"
     role: str  # keys.ROLES
     text_config: bool  # the text hyper-parameters sit under config["text_config"]
     prefixes: tuple[str, ...]  # candidate prefixes of the text model's weights, first match wins
-    skip_prefixes: tuple[str, ...] = ()  # towers another file carries (the projector)
+    skip_prefixes: tuple[str, ...] = ()  # towers / embedders another file carries (the projector)
+    text_model: str = "gemma4_text"  # the transformers text model (hparams.TEXT_MODELS: defaults, fields it lacks)
+    suppress_tokens: bool = False  # generation_config.json's suppress_tokens go into the GGUF (upstream: 12B only)
 
 
 # --- the checkpoints we know, by HF architecture and by model_type ------------------------------------
@@ -39,11 +42,22 @@ KINDS = {
     ),
     "Gemma4ForCausalLM": Kind("target-text", "target", False, ("model.", "model.language_model.")),
     "Gemma4AssistantForCausalLM": Kind("drafter", "drafter", True, ("model.",)),
+    # Gemma 4 12B: no PLE, no MoE, transformer-less vision/audio embedders (the projector file's; saved as
+    # model.vision_embedder.* + model.embed_vision.embedding_projection, transformers renames them on load)
+    "Gemma4UnifiedForConditionalGeneration": Kind(
+        "target-unified", "target", True, ("model.language_model.",),
+        ("model.vision_embedder.", "model.embed_vision.", "model.embed_audio."),
+        text_model="gemma4_unified_text", suppress_tokens=True,
+    ),
+    "Gemma4UnifiedAssistantForCausalLM": Kind("drafter-unified", "drafter", True, ("model.",),
+                                              text_model="gemma4_unified_text"),
 }
 MODEL_TYPES = {
     "gemma4": "Gemma4ForConditionalGeneration",
     "gemma4_text": "Gemma4ForCausalLM",
     "gemma4_assistant": "Gemma4AssistantForCausalLM",
+    "gemma4_unified": "Gemma4UnifiedForConditionalGeneration",
+    "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM",
 }
 
 
@@ -71,6 +85,39 @@ class Source:
         if not isinstance(text, dict):
             raise GgufMtpError(f"{self.path / 'config.json'}: {self.architecture} needs a text_config object")
         return dict(text)
+
+    @property
+    def text_model(self) -> str:
+        """The kind's transformers text model, checked against text_config.model_type (which transformers follows
+        for assistants): a mismatch would export one model's weights under the other's rules."""
+        text = self.config.get("text_config") if self.kind.text_config else None
+        model_type = text.get("model_type", self.kind.text_model) if isinstance(text, dict) else self.kind.text_model
+        if model_type != self.kind.text_model:
+            raise GgufMtpError(f"{self.path / 'config.json'}: text_config.model_type: {self.architecture} has a "
+                               f"{self.kind.text_model} text model, got {str(model_type)[:40]!r}")
+        return self.kind.text_model
+
+    def suppress_tokens(self) -> list[int] | None:
+        """generation_config.json's ``suppress_tokens`` for kinds whose GGUF carries them (None: none to write).
+
+        llama.cpp reads them as an INT32 array and masks them in its samplers; it drops ids outside the
+        vocabulary itself. An empty list writes no key (as upstream)."""
+        if not self.kind.suppress_tokens:
+            return None
+        path = self.path / "generation_config.json"
+        if not path.is_file():
+            return None
+        try:
+            ids = json.loads(path.read_text(encoding="utf-8")).get("suppress_tokens")
+        except (UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:
+            raise GgufMtpError(f"{path}: not a JSON object ({e})") from None
+        if ids is None or ids == []:
+            return None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31
+                                                for i in ids):
+            raise GgufMtpError(f"{path}: suppress_tokens: expected a list of token ids (0 to 2^31-1), "
+                               f"got {str(ids)[:60]}")
+        return list(ids)
 
 
 def hub_cache() -> Path:
@@ -156,4 +203,6 @@ def locate(src: str | os.PathLike) -> Source:
         raise GgufMtpError(f"{spec}: no such directory")
     config = read_config(path)
     arch, kind = detect(config, path)
+    # a released variant's config.json must agree with what the registry is certain of (tiny/foreign: unchecked)
+    registry.check_config(config, kind.role, source=source)
     return Source(path, config, arch, kind, source, revision)

@@ -189,7 +189,7 @@ def _leftovers(reader: SafetensorsReader, used: set[str], prefix: str, hp: TextH
             known[_hf_name(pattern, prefix, None)] = why
 
     def reason(name: str) -> str | None:
-        return known.get(name) or next(("another file's tower (vision/audio)" for p in skip_prefixes
+        return known.get(name) or next(("the projector file's (vision/audio towers or embedders)" for p in skip_prefixes
                                         if name.startswith(p)), None)
 
     return count_leftovers(reader, used, reason,

@@ -21,7 +21,9 @@ from ..errors import GgufMtpError
 from ..export import metadata as md
 from ..export import projector
 from ..export.hparams import ASSISTANT_DEFAULTS, DrafterHparams, TextHparams
-from ..export.projector import IMAGE_DEFAULTS, VISION_DEFAULTS, VisionHparams
+from ..export.audio import AUDIO_DEFAULTS, AudioHparams, UnifiedAudioHparams
+from ..export.projector import (IMAGE_DEFAULTS, UNIFIED_VISION_DEFAULTS, VISION_DEFAULTS, ProjectorHparams,
+                                UnifiedVisionHparams, VisionHparams)
 from ..export.tables import FILE_TYPES
 from ..export.tensors import Expected, expected_tensors
 from ..export.tokenizer import Vocab
@@ -87,7 +89,7 @@ def drafter_hparams(v: Variant) -> DrafterHparams:
     d, head = v.drafter, v.drafter.head
     text = replace(text_hparams(v), n_embd=d.hidden, n_ff=d.intermediate, n_layer=d.layers, n_head=d.heads,
                    swa_layers=tuple(kind == SLIDING for kind in d.layer_types()), ple_dim=0, n_shared_kv=d.layers,
-                   double_wide=False, n_expert=0, n_expert_used=0, n_ff_exp=0)
+                   double_wide=False, n_expert=0, n_expert_used=0, n_ff_exp=0, n_ctx=d.context or v.text.context)
     return DrafterHparams(
         text=text, backbone=v.text.hidden, ordered_embeddings=head.type == "centroid",
         n_centroids=head.clusters or ASSISTANT_DEFAULTS["num_centroids"],
@@ -98,7 +100,7 @@ def drafter_hparams(v: Variant) -> DrafterHparams:
 def vision_hparams(v: Variant) -> VisionHparams:
     vis = v.vision
     if vis is None:
-        raise GgufMtpError(f"{v.name} has no vision tower")
+        raise GgufMtpError(f"{v.name} has no vision tower" + (" (it has embedders)" if v.embedders else ""))
     return VisionHparams(
         n_embd=vis.width, n_ff=vis.ffn, n_layer=vis.layers, n_head=vis.heads, n_head_kv=vis.heads,
         head_dim=vis.head_dim, eps=VISION_DEFAULTS["rms_norm_eps"], patch_size=vis.patch_size,
@@ -106,6 +108,37 @@ def vision_hparams(v: Variant) -> VisionHparams:
         activation=VISION_DEFAULTS["hidden_activation"], text_hidden=vis.projection_dim,
         image_mean=list(IMAGE_DEFAULTS["image_mean"]), image_std=list(IMAGE_DEFAULTS["image_std"]),
     )
+
+
+def audio_hparams(v: Variant) -> AudioHparams:
+    """E2B/E4B's conformer: models.json's widths, the rest Gemma4AudioConfig's defaults (clipped linears, the
+    subsampling convolutions, 128 mel bins), as the released configs have them."""
+    a, c = v.audio, AUDIO_DEFAULTS
+    if a is None:
+        raise GgufMtpError(f"{v.name} has no audio tower")
+    ch = c["subsampling_conv_channels"]
+    return AudioHparams(n_embd=a.width, n_layer=a.layers, n_head=a.heads, n_out=a.output_dim, n_mel=c["input_feat_size"],
+                        channels=(ch[0], ch[1]), kernel=c["conv_kernel_size"], clipped=c["use_clipped_linears"],
+                        eps=c["rms_norm_eps"], text_hidden=v.text.hidden)
+
+
+def projector_hparams(v: Variant, audio: bool = True) -> ProjectorHparams:
+    """The projector file's parts: a vision tower or the 12B's image embedder, and (``audio``) the audio tower or
+    the 12B's frame embedder, in export/projector.py's terms."""
+    e = v.embedders
+    vision: VisionHparams | UnifiedVisionHparams | None = vision_hparams(v) if v.vision is not None else None
+    if e is not None and e.vision is not None:
+        vision = UnifiedVisionHparams(
+            n_embd=e.vision.embed_dim, patch_size=e.vision.patch_size, pooling=e.vision.pooling_kernel,
+            n_pos=e.vision.position_embeddings, eps=UNIFIED_VISION_DEFAULTS["rms_norm_eps"], text_hidden=v.text.hidden,
+            image_mean=list(IMAGE_DEFAULTS["image_mean"]), image_std=list(IMAGE_DEFAULTS["image_std"]))
+    sound: AudioHparams | UnifiedAudioHparams | None = audio_hparams(v) if v.audio is not None and audio else None
+    if e is not None and e.audio is not None and audio:
+        sound = UnifiedAudioHparams(n_embd=e.audio.samples_per_token, eps=UNIFIED_VISION_DEFAULTS["rms_norm_eps"],
+                                    text_hidden=v.text.hidden)
+    if vision is None:  # upstream's converter and clip.cpp pair a projector with its target through the vision part
+        raise GgufMtpError(f"{v.name} has no vision part: no projector file")
+    return ProjectorHparams(vision=vision, audio=sound)
 
 
 # --- tensors ----------------------------------------------------------------------------------------------------------
@@ -141,7 +174,7 @@ def _text_metadata(v: Variant, role: str) -> md.Metadata:
                          stand_in_vocab(v.text.vocab), f"skeleton:{repo}", None, role)
 
 
-def _projector_metadata(v: Variant, hp: VisionHparams) -> md.Metadata:
+def _projector_metadata(v: Variant, hp: ProjectorHparams) -> md.Metadata:
     return projector.projector_file_keys(hp, f"{v.hf.target.rsplit('/', 1)[-1]} mmproj skeleton",
                                          f"skeleton:{v.hf.target}", None)
 
@@ -157,7 +190,7 @@ def base_layout(v: Variant, role: str, dtype: str | None = None) -> Layout:
         raise GgufMtpError(f"base type must be one of {', '.join(BASE_TYPES)}, got {dtype}")
     outtype = Q[dtype]
     if role == "mmproj":
-        hp = vision_hparams(v)
+        hp = projector_hparams(v)
         arch, tensors, meta = keys.ARCH_PROJECTOR, projector.expected_projector_tensors(hp, outtype), _projector_metadata(v, hp)
     else:
         arch = keys.ARCH_DRAFTER if role == "drafter" else keys.ARCH_TARGET
@@ -209,12 +242,16 @@ def param_counts(v: Variant) -> dict[str, int]:
         return sum(e.n_elements for e in tensors if e.hf is not None and e.type != Q.I32 and keep(e))
 
     target, moe = text_tensors(v, "target", Q.BF16), v.text.moe
+    parts = projector_hparams(v) if v.has_vision else ProjectorHparams()
     return {
         "target": count(target),
         "target_ple": count(target, lambda e: e.name == PLE_TABLE),
         "target_inactive": count(target, _expert_stack) * (moe.experts - moe.top_k) // moe.experts if moe else 0,
         "drafter": count(text_tensors(v, "drafter", Q.BF16, centroids=v.drafter.head.type == "centroid")),
-        "vision": count(projector.expected_projector_tensors(vision_hparams(v), Q.F16)) if v.vision else 0,
+        "vision": count(projector.expected_projector_tensors(ProjectorHparams(vision=parts.vision), Q.F16))
+        if parts.vision else 0,
+        "audio": count(projector.expected_projector_tensors(ProjectorHparams(audio=parts.audio), Q.F16))
+        if parts.audio else 0,
     }
 
 
@@ -225,6 +262,6 @@ def _expert_stack(e: Expected) -> bool:
 
 __all__ = [
     "BASE_TYPES", "Layout", "ROLES", "TensorSpec", "base_layout", "drafter_hparams", "layout_for",
-    "mix_model", "param_counts", "quantized_layout", "stand_in_vocab", "text_hparams",
-    "vision_hparams",
+    "audio_hparams", "mix_model", "param_counts", "projector_hparams", "quantized_layout", "stand_in_vocab",
+    "text_hparams", "vision_hparams",
 ]

@@ -289,16 +289,10 @@ class _Align(dict):
         return memory.TENSOR_ALIGN if dev == CPU else memory.GPU_TENSOR_ALIGN
 
 
-# --- the projector's compute graph (clip gemma4v) -----------------------------------------------------
+# --- the projector's compute graph (clip gemma4v / gemma4uv) -----------------------------------------------------
 
-def projector_compute(m: ModelFile, image_tokens: int, flash_attn: bool) -> int:
-    """ViT over image_tokens * pool^2 patches: the FFN or attention peak (f32 activations)."""
-    V = Keys.ClipVision
-    w = int(m.meta.get(V.EMBEDDING_LENGTH, 0))
-    ffn = int(m.meta.get(V.FEED_FORWARD_LENGTH, 0))
-    heads = int(m.meta.get(V.Attention.HEAD_COUNT, 1))
-    patch = int(m.meta.get(V.PATCH_SIZE, 16))
-    pool = int(m.meta.get(V.Projector.SCALE_FACTOR, 3) or 3)
+def _vit_compute(w: int, ffn: int, heads: int, patch: int, pool: int, image_tokens: int, flash_attn: bool) -> int:
+    """gemma4v: a ViT over image_tokens * pool^2 patches: the FFN or attention peak (f32 activations)."""
     n = image_tokens * pool * pool
     side = int(round(n ** 0.5)) * patch
     raw = 3 * side * side * memory.F32
@@ -306,6 +300,56 @@ def projector_compute(m: ModelFile, image_tokens: int, flash_attn: bool) -> int:
     ffn_peak = 3 * act + 3 * memory.F32 * ffn * n
     attn_peak = 5 * act + (0 if flash_attn else memory.F32 * n * n * heads)
     return max(raw + 2 * act, ffn_peak, attn_peak)
+
+
+def _embedder_compute(w: int, patch: int, pool: int, image_tokens: int, text: int) -> int:
+    """gemma4uv (the 12B's embedder, models/gemma4uv.cpp): the image, and one row of (patch * pool)^2 * 3 pixels per
+    soft token (im2col), then Dense, norms and the text projection (small beside them)."""
+    px = 3 * (patch * pool) ** 2
+    side = int(round(image_tokens ** 0.5)) * patch * pool
+    raw = 3 * side * side * memory.F32
+    return max(raw + memory.F32 * px * image_tokens, memory.F32 * image_tokens * (3 * w + text))
+
+
+AUDIO_WARMUP_FRAMES = 3000  # clip-model.h warmup_audio_size: libmtmd sizes the audio graph for this many frames
+
+
+def _conformer_compute(m: ModelFile, frames: int) -> int:
+    """gemma4a (E2B/E4B's conformer): the peak is its subsampling -- the first 3x3 stride-2 convolution's output
+    next to the second's f16 im2col (models/gemma4a.cpp), measured 1.2% under libmtmd's."""
+    n_mel = int(m.meta.get(Keys.ClipAudio.NUM_MEL_BINS, 128))
+    conv0 = m.tensor("a.conv1d.0.weight")
+    c0 = conv0.shape[-1] if conv0 else 128
+    h1, w1 = (frames + 1) // 2, (n_mel + 1) // 2
+    h2, w2 = (h1 + 1) // 2, (w1 + 1) // 2
+    return memory.F32 * frames * n_mel + memory.F32 * c0 * h1 * w1 + 2 * h2 * w2 * c0 * 9
+
+
+def _frame_embedder_compute(m: ModelFile, frames: int) -> int:
+    """gemma4ua (the 12B's audio embedder): raw frames (in, transposed, normed) and the projected rows (twice)."""
+    a = int(m.meta.get(Keys.ClipAudio.EMBEDDING_LENGTH, 640))
+    t = int(m.meta.get(Keys.ClipAudio.PROJECTION_DIM, 0))
+    return 3 * memory.F32 * frames * a + 2 * memory.F32 * frames * t
+
+
+AUDIO_COMPUTE = {"gemma4a": _conformer_compute, "gemma4ua": _frame_embedder_compute}
+
+
+def projector_compute(m: ModelFile, image_tokens: int, flash_attn: bool) -> int:
+    """The projector's graphs, each sized as libmtmd sizes it: the largest image (by projector type: gemma4v's ViT,
+    gemma4uv's embedder), plus the audio part's own context at libmtmd's warm-up length (an audio clip longer than
+    that grows it)."""
+    V = Keys.ClipVision
+    w = int(m.meta.get(V.EMBEDDING_LENGTH, 0))
+    patch = int(m.meta.get(V.PATCH_SIZE, 16))
+    pool = int(m.meta.get(V.Projector.SCALE_FACTOR, 3) or 3)
+    if m.meta.get(V.PROJECTOR_TYPE) == "gemma4uv":
+        image = _embedder_compute(w, patch, pool, image_tokens, int(m.meta.get(V.PROJECTION_DIM, w)))
+    else:
+        image = _vit_compute(w, int(m.meta.get(V.FEED_FORWARD_LENGTH, 0)), int(m.meta.get(V.Attention.HEAD_COUNT, 1)),
+                             patch, pool, image_tokens, flash_attn)
+    audio = AUDIO_COMPUTE.get(m.meta.get(Keys.ClipAudio.PROJECTOR_TYPE))
+    return image + (audio(m, AUDIO_WARMUP_FRAMES) if audio else 0)
 
 
 # --- one configuration's memory -----------------------------------------------------------------------
@@ -420,8 +464,12 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
             extra = (memory.SCHED_MAX_COPIES - 1) * memory.graph_input_bytes(tg, shape) if pipe else 0
             for g in gpu_devs:
                 b.add(g, "target compute buffer", (graph_bytes if g == out_dev else inner) + extra)
-        b.add(CPU, "target compute buffer (host)", memory.host_compute_bytes(tg, shape) if all_gpu else graph_bytes)
-        if not all_gpu and shape.n_tokens >= 32:  # op offload copies CPU weights to the GPU for big batches
+        # the CPU's first layers without the logits when the output layer is on another device (measured over RPC
+        # devices, tests/test_rpc.py); one GPU with a partial offload keeps the whole graph's size (not measured yet)
+        cpu_graph = inner if len(gpu_devs) > 1 and out_dev != CPU else graph_bytes
+        b.add(CPU, "target compute buffer (host)", memory.host_compute_bytes(tg, shape) if all_gpu else cpu_graph)
+        # op offload copies CPU weights to the GPU for big batches (not to an rpc-server: RPC has no offload_op)
+        if not all_gpu and shape.n_tokens >= 32 and not gpu_devs[0].startswith("RPC"):
             b.add(gpu_devs[0], "target compute buffer", tp.largest_cpu_layer_tensor)
     else:
         b.add(CPU, "target compute buffer", graph_bytes)
@@ -441,8 +489,16 @@ def breakdown(files: Files, s: RuntimeSettings, image_tokens: int = IMAGE_MAX_TO
     return b
 
 
+FLOAT_KV = ("f16", "f32", "bf16")  # cache types llama.cpp runs without flash attention
+
+
+def quantized_kv(kv: str) -> bool:
+    """A quantized cache type: llama.cpp needs flash attention for it (a quantized V cache) and sizes the graph so."""
+    return kv not in FLOAT_KV
+
+
 def _quantized(s: RuntimeSettings) -> bool:
-    return s.cache_type_k not in ("f16", "f32", "bf16") or s.cache_type_v not in ("f16", "f32", "bf16")
+    return quantized_kv(s.cache_type_k) or quantized_kv(s.cache_type_v)
 
 
 # --- a file set from GGUFs --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
 from . import memory
 from .memory import GiB, fmt_size, parse_size
-from .placement import (CPU, GPU, IMAGE_MAX_TOKENS, Breakdown, Files, ModelFile, breakdown, files_from_paths,
+from .placement import (CPU, GPU, IMAGE_MAX_TOKENS, Breakdown, Files, ModelFile, breakdown, files_from_paths, quantized_kv,
                         split_device, split_points, tensor_slot)
 
 DEFAULT_VRAM = 24 * GiB
@@ -288,8 +288,8 @@ def plan(req: Request) -> Plan:
         base = base.replace(cache_type_k="f16", cache_type_v="f16")
     best: Plan | None = None
     for kv in kv_types:
-        fa = "on" if kv not in ("f16", "f32", "bf16") and req.flash_attn == "auto" else req.flash_attn
-        if kv not in ("f16", "f32", "bf16") and fa == "off":
+        fa = "on" if quantized_kv(kv) and req.flash_attn == "auto" else req.flash_attn
+        if quantized_kv(kv) and fa == "off":
             continue  # llama.cpp refuses a quantized V cache without flash attention
         s0 = base.replace(cache_type_k=kv, cache_type_v=kv, flash_attn=fa)
         for rank, (s, step) in enumerate(_placements(files, s0)):
@@ -313,7 +313,7 @@ def plan(req: Request) -> Plan:
         return best
     # nothing fits: report the configuration that misses by the least, at the floor context
     kv = kv_types[-1]
-    fa = "on" if kv != "f16" and req.flash_attn == "auto" else req.flash_attn
+    fa = "on" if quantized_kv(kv) and req.flash_attn == "auto" else req.flash_attn
     least: Plan | None = None
     for s, step in _placements(files, base.replace(n_ctx=floor, cache_type_k=kv, cache_type_v=kv, flash_attn=fa)):
         if req.devices:  # short of the whole: the layers in proportion to the devices' memory
@@ -402,8 +402,8 @@ def files_from_variant(variant: str, quant: str | None = None, drafter_quant: st
     quant = (quant or v.recommended.target_quant).upper()
     dq = (drafter_quant or v.recommended.drafter_quant).upper()
     names = variant_file_names(v.name, quant, dq)
-    if vision and v.vision is None:
-        raise GgufMtpError(f"{v.name} has no vision tower")
+    if vision and not (v.has_vision or v.has_audio):
+        raise GgufMtpError(f"{v.name} has no vision or audio part (no projector file)")
     return Files(
         ModelFile.from_layout(layout_for(v.name, "target", quant), "target", names["target"]),
         ModelFile.from_layout(layout_for(v.name, "drafter", dq), "drafter", names["drafter"]) if drafter else None,

@@ -6,8 +6,8 @@ drops positions of one sequence only (``llama_memory_seq_rm`` on that sequence),
 sequence's longest prefix shared with a new prompt. ``decode`` appends rows of several sequences in ONE target
 ``llama_decode`` (a verify round: every sequence's [y, d1..dk]; or prompt chunks); ``draft`` runs one drafter
 step for several sequences in ONE drafter ``llama_decode``. With a vision projector (``load(mmproj=)`` or
-``load_projector``), ``decode_image`` decodes one image of a ``MediaPrompt`` into one sequence (libmtmd's own
-decode, alone in its batch); its positions hold the image's identity id, so prefix reuse keeps images like text.
+``load_projector``), ``decode_span`` decodes one image or audio chunk of a ``MediaPrompt`` into one sequence
+(libmtmd's own decode, alone in its batch); its positions hold the identity id, so prefix reuse keeps media like text.
 
 Facts from llama.cpp this relies on (vendor/llama.cpp/src, llama-context.cpp, llama-kv-cache*.cpp,
 llama-batch.cpp):
@@ -35,7 +35,7 @@ from .bindings import Batch, llama
 from .engine import Engine, reusable_prefix
 
 if TYPE_CHECKING:
-    from .multimodal import ImageSpan, MediaPrompt, Projector
+    from .multimodal import MediaPrompt, MediaSpan, Projector
 
 # what a BatchEngine answers from its Engine: the tokenizer, model facts and loading outcome (all read-only, so
 # callable from any thread; decoding goes through BatchEngine only)
@@ -88,8 +88,8 @@ class BatchEngine:
         return eng
 
     def load_projector(self, path: str | Path) -> Projector:
-        """Load the vision projector (multimodal.Projector, checked against the target) that builds this engine's
-        ``MediaPrompt``s; it is closed with the engine."""
+        """Load the projector (multimodal.Projector: vision and/or audio, checked against the target) that builds
+        this engine's ``MediaPrompt``s; it is closed with the engine."""
         from .multimodal import Projector
 
         if self.projector is not None:
@@ -174,18 +174,18 @@ class BatchEngine:
         for p in parts:
             self.tokens[p.seq].extend(int(t) for t in p.tokens)
 
-    def decode_image(self, seq: int, media: MediaPrompt, span: ImageSpan) -> None:
-        """Encode the image ``span`` of ``media`` and decode it into sequence ``seq`` at its next positions, in
-        libmtmd's own llama_decode (this sequence alone: non-causal attention over the image where the projector
-        asks). The positions record the image's identity id. On failure the sequence keeps what it held."""
+    def decode_span(self, seq: int, media: MediaPrompt, span: MediaSpan) -> None:
+        """Encode the image or audio chunk ``span`` of ``media`` and decode it into sequence ``seq`` at its next
+        positions, in libmtmd's own llama_decode (this sequence alone: non-causal attention over the chunk where
+        the projector asks). The positions record its identity id. On failure the sequence keeps what it held."""
         n_past = self.n_past(seq)
         if n_past + span.n_tokens > self.slot_ctx:
-            raise GgufMtpError(f"sequence {seq}: an image of {span.n_tokens} tokens at position {n_past} exceeds its "
-                               f"context of {self.slot_ctx}")
+            raise GgufMtpError(f"sequence {seq}: {span.what} of {span.n_tokens} tokens at position {n_past} exceeds "
+                               f"its context of {self.slot_ctx}")
         self._n_out = 0  # the logits buffer is libmtmd's batch's now: no row of the last ``decode`` is left
         self._out_row.fill(-1)
         try:
-            media.eval_image(span, self.engine.ctx, n_past, seq, self.engine.n_batch)
+            media.eval_span(span, self.engine.ctx, n_past, seq, self.engine.n_batch)
         except GgufMtpError:
             self._forget_from(seq, n_past)
             raise
@@ -198,7 +198,7 @@ class BatchEngine:
         if n < 1 or first < 0 or int(self._out_row[row + n - 1]) != first + n - 1:
             raise ValueError(f"rows {row}..{row + n - 1} were not all outputs of the last decode")
         ptr = llama.llama_get_logits(self.engine.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(self._n_out, self.engine.n_vocab))[first:first + n]
+        return self.engine.suppress(np.ctypeslib.as_array(ptr, shape=(self._n_out, self.engine.n_vocab))[first:first + n])
 
     def hidden(self, row: int) -> np.ndarray:
         """The target's hidden state at batch row ``row`` of the last decode (the drafter's input)."""

@@ -4,8 +4,8 @@ Each ``send`` renders the whole conversation with the GGUF's own chat template (
 hands it to ``speculative_generate``, whose prefill keeps the longest cached prefix (``engine.reuse_prefix``), so
 a turn decodes only what is new: the end of the previous reply and the new user turn. When the prompt plus room
 for the reply no longer fits the context, the oldest turns after the system prompt are dropped (a ``Notice``
-says so) and what remains is read again. Images go through the projector (multimodal.py) and stay in the
-conversation; the cache keeps them like text.
+says so) and what remains is read again. Images and audio clips go through the projector (multimodal.py) and stay
+in the conversation; the cache keeps them like text, and MTP drafting goes on after them as after text.
 
 Gemma 4 thinking: ``think=True`` sets ``enable_thinking`` (the template puts ``<|think|>`` in the system turn);
 the reply's ``<|channel>thought ... <channel|>`` part comes out as ``Text(thought=True)`` and is kept out of the
@@ -24,10 +24,13 @@ from .adaptive import AdaptiveK, FixedK
 from .chat_template import prompt_text, prompt_tokens
 from .engine import Engine
 from .loop import make_chooser, speculative_generate
-from .multimodal import Image, MediaPrompt, Projector
+from .multimodal import Audio, Image, Media, MediaPrompt, Projector
 from .sampling import SamplingParams
 from .stats import Stats
 
+# what ``send`` takes, in the order the media go before the text: (type, Projector method reading a file, refusal)
+ATTACHMENTS = ((Image, "load_image", "an image needs a vision projector (--mmproj)"),
+               (Audio, "load_audio", "audio needs a projector with an audio encoder (--mmproj)"))
 STOP_TEXTS = ("<turn|>", "<eos>")  # Gemma 4 ends a reply with either (llama.cpp marks both end-of-generation)
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 
@@ -57,8 +60,8 @@ class Reply:
     thoughts: str
     tokens: list[int]
     stats: Stats
-    prompt: list[int]  # the whole rendered conversation; image positions hold the image's identity id
-    image_tokens: int  # image positions encoded and decoded this turn (0 when the cache held them)
+    prompt: list[int]  # the whole rendered conversation; media positions hold the image's or clip's identity id
+    media_tokens: int  # image and audio positions encoded and decoded this turn (0 when the cache held them)
     dropped_turns: int
 
     @property
@@ -72,9 +75,16 @@ ChatEvent = Text | Notice | Reply
 @dataclass(eq=False)
 class Turn:
     user: str
-    image: Image | None = None
+    media: tuple[Media, ...] = ()  # images and audio clips, in the order they go before the text
     answer: str | None = None  # None until the reply exists
     thoughts: str = ""
+
+    def close_media(self, keep: list[Turn] = ()) -> None:
+        """Free this turn's media, except what a turn of ``keep`` also holds."""
+        held = {id(m) for t in keep for m in t.media}
+        for m in self.media:
+            if id(m) not in held:
+                m.close()
 
 
 # --- thoughts -----------------------------------------------------------------------------------------
@@ -135,9 +145,9 @@ class ThoughtSplitter:
 # --- the session --------------------------------------------------------------------------------------
 @dataclass
 class ChatSession:
-    """A conversation with one engine (and optionally a projector for images).
+    """A conversation with one engine (and optionally a projector for images and audio).
 
-    ``send(text, image=None)`` yields ``Text`` pieces as they are generated, ``Notice``s, and a final ``Reply``.
+    ``send(text, image=None, audio=None)`` yields ``Text`` pieces as they are generated, ``Notice``s, and a final ``Reply``.
     ``stats`` is the turn in progress (updated every round: a front end can show it live), ``history`` the
     Stats of every finished turn. ``reserve`` is the room kept for a reply when fitting the conversation into
     the context (default: ``max_tokens``, at most half the context).
@@ -170,14 +180,14 @@ class ChatSession:
         """The conversation as chat-template messages (a pending turn has no assistant message yet)."""
         msgs: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         for t in self.turns if turns is None else turns:
-            content = t.user if t.image is None else self.projector.marker + t.user  # llama-server's layout
+            content = self.projector.marker * len(t.media) + t.user if t.media else t.user  # llama-server's layout
             msgs.append({"role": "user", "content": content})
             if t.answer is not None:
                 msgs.append({"role": "assistant", "content": t.answer})
         return msgs
 
     def render(self, turns: list[Turn]) -> tuple[list[int], MediaPrompt | None]:
-        """Prompt tokens for ``turns`` (and the MediaPrompt that decodes them when they hold images).
+        """Prompt tokens for ``turns`` (and the MediaPrompt that decodes them when they hold media).
 
         When the new text only appends to the last prompt and its reply (the usual case), the last prompt's
         tokens and as much of the reply's own ids as spell its text are kept rather than tokenized again: the
@@ -187,9 +197,9 @@ class ChatSession:
         msgs, variables = self.messages(turns), {"enable_thinking": self.think}
         text = prompt_text(self.engine, msgs, **variables)
         self._text = text
-        images = [t.image for t in turns if t.image is not None]
-        if images:
-            media = self.projector.tokenize(text, images)
+        attached = [m for t in turns for m in t.media]
+        if attached:
+            media = self.projector.tokenize(text, attached)
             return media.tokens, media
         if self._last is not None:
             prev_text, prev_tokens, reply_text, reply_tokens = self._last
@@ -226,8 +236,7 @@ class ChatSession:
             prompt, media = self.render(self.turns[dropped:] + [turn])
             if len(prompt) + self.room <= n_ctx:
                 for old in self.turns[:dropped]:
-                    if old.image is not None and all(old.image is not t.image for t in self.turns[dropped:]):
-                        old.image.close()
+                    old.close_media(self.turns[dropped:])
                 del self.turns[:dropped]
                 return prompt, media, dropped
             if media is not None:
@@ -238,8 +247,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays, and so does its cached prefix)."""
         for t in self.turns:
-            if t.image is not None:
-                t.image.close()
+            t.close_media()
         self.turns.clear()
         self._last = None
 
@@ -247,25 +255,38 @@ class ChatSession:
         self.reset()
 
     # --- one turn -----------------------------------------------------------------------------------
-    def send(self, text: str, image: Image | str | Path | None = None) -> Iterator[ChatEvent]:
-        """Generate the reply to ``text`` (with an optional image), streaming events; the turn joins the history.
+    def _attach(self, image: Image | str | Path | None, audio: Audio | str | Path | None) -> tuple[Media, ...]:
+        """The turn's media, files read through the projector (on a failure, what was read is freed)."""
+        out: list[Media] = []
+        try:
+            for item, (kind, load, needs) in zip((image, audio), ATTACHMENTS):
+                if item is None:
+                    continue
+                if self.projector is None:
+                    raise GgufMtpError(needs)
+                out.append(item if isinstance(item, kind) else getattr(self.projector, load)(item))
+        except BaseException:
+            for m in (*out, image, audio):  # the session owns what it was given, even when the turn fails
+                if isinstance(m, Media):
+                    m.close()
+            raise
+        return tuple(out)
+
+    def send(self, text: str, image: Image | str | Path | None = None,
+             audio: Audio | str | Path | None = None) -> Iterator[ChatEvent]:
+        """Generate the reply to ``text`` (with an optional image and audio clip, which go before it), streaming
+        events; the turn joins the history.
 
         Closing the iterator early (Ctrl-C in a front end) keeps the partial reply in the conversation. The
-        session owns ``image`` from here on (it is freed when its turn leaves the conversation).
+        session owns ``image`` and ``audio`` from here on (freed when their turn leaves the conversation).
         """
         if self.projector is not None and self.projector.marker in text:
-            raise GgufMtpError(f"the message contains {self.projector.marker!r}, which marks where images go")
-        if image is not None:
-            if self.projector is None:
-                raise GgufMtpError("an image needs a vision projector (--mmproj)")
-            if not isinstance(image, Image):
-                image = self.projector.load_image(image)
-        turn = Turn(text, image)
+            raise GgufMtpError(f"the message contains {self.projector.marker!r}, which marks where images and audio clips go")
+        turn = Turn(text, self._attach(image, audio))
         try:
             prompt, media, dropped = self._fit(turn)
         except BaseException:
-            if image is not None:
-                image.close()
+            turn.close_media()
             raise
         text_sent = self._text
         if dropped:
@@ -294,16 +315,17 @@ class ChatSession:
                 self._last = (text_sent, list(prompt), splitter.answer, tokens) if media is None else None
                 self.turns.append(turn)
                 self.history.append(stats)
-            elif image is not None:
-                image.close()
+            else:
+                turn.close_media()
         if stats.stop_reason == "context":
             yield Notice("context_full", "the context is full: the reply was cut (older turns are dropped next turn)")
         yield Reply(splitter.answer, splitter.thoughts, tokens, stats, list(prompt), encoded, dropped)
 
-    def ask(self, text: str, image: Image | str | Path | None = None) -> Reply:
+    def ask(self, text: str, image: Image | str | Path | None = None,
+            audio: Audio | str | Path | None = None) -> Reply:
         """``send`` run to the end: the Reply (notices are dropped)."""
         reply = None
-        for ev in self.send(text, image):
+        for ev in self.send(text, image, audio):
             if isinstance(ev, Reply):
                 reply = ev
         return reply

@@ -131,6 +131,7 @@ class Engine:
         self.n_batch = int(llama.llama_n_batch(self.ctx))
         self.n_swa = int(llama.llama_model_n_swa(self.model))
         self._batch = Batch(self.n_batch)
+        self.suppressed = _suppress_tokens(self.vocab, self.n_vocab)
         if self.draft_ctx is not None:
             llama_ext.llama_set_embeddings_nextn(self.ctx, True, False)  # one hidden row per batch token
             llama_ext.llama_set_embeddings_nextn(self.draft_ctx, True, True)  # rows only for outputs
@@ -293,7 +294,15 @@ class Engine:
     def logits(self, n_rows: int) -> np.ndarray:
         """Logits of the last decode's output rows, shape (n_rows, n_vocab)."""
         ptr = llama.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
+        return self.suppress(np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)))
+
+    def suppress(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` (logits, in place) with the model's suppress tokens (``tokenizer.ggml.suppress_tokens``, the
+        12B's media placeholders) at -inf, as llama.cpp's common sampler biases them: no sampler, acceptance rule
+        or drafter ever picks one."""
+        if self.suppressed.size:
+            rows[..., self.suppressed] = -np.inf
+        return rows
 
     def hidden(self, row: int) -> np.ndarray:
         """The target's hidden state (post final norm) at batch row ``row`` of the last decode."""
@@ -320,7 +329,7 @@ class Engine:
         rc = llama.llama_decode(self.draft_ctx, b)
         if rc != 0:
             raise GgufMtpError(f"drafter decode failed (code {rc}) at position {pos}")
-        return np.ctypeslib.as_array(llama.llama_get_logits(self.draft_ctx), shape=(n, self.n_vocab))
+        return self.suppress(np.ctypeslib.as_array(llama.llama_get_logits(self.draft_ctx), shape=(n, self.n_vocab)))
 
     def draft_hidden(self, row: int) -> np.ndarray:
         """The drafter's hidden state at row ``row`` of its last decode: the next step's input."""
@@ -335,6 +344,14 @@ def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
     while keep < limit and cached[keep] == prompt[keep]:
         keep += 1
     return keep
+
+
+def _suppress_tokens(vocab: int, n_vocab: int) -> np.ndarray:
+    """The ids the GGUF says never to generate (llama.cpp validates the key's type on load)."""
+    n = ctypes.c_int32(0)
+    ptr = llama.llama_vocab_get_suppress_tokens(vocab, ctypes.byref(n))
+    ids = np.array([ptr[i] for i in range(n.value)] if ptr and n.value else [], dtype=np.int64)
+    return ids[(ids >= 0) & (ids < n_vocab)]
 
 
 def _runtime_centroids() -> bool:

@@ -26,9 +26,9 @@ Interface (what a server codes against)::
   asyncio: ``loop.call_soon_threadsafe``) instead of ``handle.events``.
 - The tokenizer (``engine.tokenize`` ...) is safe from any thread; llama.cpp's contexts are touched only by the
   engine thread (or by the caller of ``step``, which runs one iteration instead of ``start``: tests).
-- Images: a ``Request`` with ``media`` (a ``multimodal.MediaPrompt`` from a projector loaded on this engine's
-  target, ``prompt`` = ``media.tokens``) has each image encoded and decoded into its own sequence (libmtmd's
-  decode, whole, between the text chunks), and MTP drafts after it as after text (the drafter reads the last
+- Images and audio: a ``Request`` with ``media`` (a ``multimodal.MediaPrompt`` from a projector loaded on this
+  engine's target, ``prompt`` = ``media.tokens``) has each image (or audio chunk) encoded and decoded into its own
+  sequence (libmtmd's decode, whole, between the text chunks), and MTP drafts after it as after text (the drafter reads the last
   prompt row). Image positions hold the image's identity id, so a slot that holds an image is reused like text.
   The caller keeps the MediaPrompt (and its images) open until the final event; ``media.encoded`` then says how
   many image positions were encoded (0 when the slot's cache held them). Images: ``media =
@@ -75,7 +75,7 @@ from .sampling import SamplingParams, accept_drafts, pick
 from .stats import Stats
 
 if TYPE_CHECKING:
-    from .multimodal import ImageSpan, MediaPrompt
+    from .multimodal import MediaPrompt, MediaSpan
 
 log = logging.getLogger("gguf_mtp.runtime")
 
@@ -444,14 +444,15 @@ class Scheduler:
             if not s.todo:
                 self._first_token(seq, s, p.start + len(p.tokens) - 1)
 
-    def _next_image(self, seq: int, s: _Seq) -> ImageSpan | None:
+    def _next_image(self, seq: int, s: _Seq) -> MediaSpan | None:
         media = s.request.media
-        return media.image_at(self.engine.n_past(seq)) if media is not None else None
+        return media.span_at(self.engine.n_past(seq)) if media is not None else None
 
-    def _read_image(self, seq: int, s: _Seq, image: ImageSpan) -> bool:
-        """Decode the image that comes next in ``seq``'s prompt; False when that failed (the request failed)."""
+    def _read_image(self, seq: int, s: _Seq, image: MediaSpan) -> bool:
+        """Decode the image or audio chunk that comes next in ``seq``'s prompt; False when that failed (the request
+        failed)."""
         try:
-            self.engine.decode_image(seq, s.request.media, image)
+            self.engine.decode_span(seq, s.request.media, image)
         except GgufMtpError as e:
             self._fail(seq, str(e))
             return False

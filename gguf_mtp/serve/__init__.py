@@ -1,7 +1,8 @@
 """``gguf-mtp serve``: an OpenAI-compatible HTTP server over the batched MTP scheduler (runtime/scheduler.py).
 
 - schema.py: request bodies checked into dataclasses; response objects and OpenAI's error object.
-- prompts.py: messages and prompts into tokens (chat template, thinking, images from data: URLs).
+- prompts.py: messages and prompts into tokens (chat template, thinking, images from data: URLs, audio from
+  input_audio parts).
 - text.py: emitted tokens into text (thoughts, stop strings, how each token was produced).
 - tools.py: OpenAI tool calling in Gemma 4's format (tools checked, rendered, calls parsed back).
 - engine_thread.py: requests to the scheduler's engine thread, events back into asyncio.

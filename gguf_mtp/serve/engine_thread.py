@@ -7,7 +7,7 @@ called on the engine thread, which here only hands them to the request's asyncio
 the scheduler's exceptions, mapped to HTTP statuses (``REFUSALS``). Leaving ``events`` early (a client
 that disconnected, a stop string, shutdown) cancels the request in the scheduler, which frees its slot.
 
-A prompt with images owns libmtmd objects the engine thread reads while it prefills: they are freed when both
+A prompt with images or audio owns libmtmd objects the engine thread reads while it prefills: they are freed when both
 the request is final and the server is done with it, whichever comes last.
 """
 
@@ -74,7 +74,7 @@ class _Release:
 
 
 class EngineThread:
-    """Submits requests (with images, through ``projector``) and streams their events."""
+    """Submits requests (with images and audio, through ``projector``) and streams their events."""
 
     def __init__(self, scheduler: Scheduler, projector: Any = None) -> None:
         self.scheduler, self.projector = scheduler, projector
@@ -104,7 +104,7 @@ class Run:
         self.scheduler, self.handle = scheduler, None
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.release = _Release(prompt) if prompt.media is not None or prompt.images else None
+        self.release = _Release(prompt) if prompt.media is not None or prompt.attached else None
 
     def sink(self, event: Any) -> None:
         """Called on the engine thread: must not block or raise."""

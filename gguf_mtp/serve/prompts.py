@@ -1,7 +1,8 @@
 """Requests into prompt tokens: chat messages through the GGUF's own template (thinking as in ``chat``), images
-from ``data:`` URLs through the projector, completion prompts as text or token ids.
+from ``data:`` URLs and audio from ``input_audio`` parts (base64 WAV/FLAC) through the projector, completion
+prompts as text or token ids.
 
-Runs on a worker thread, not the engine thread: tokenizing, rendering and decoding an image only read the model
+Runs on a worker thread, not the engine thread: tokenizing, rendering and decoding media only read the model
 (llama-server does the same in its HTTP threads). The ``Prompt`` owns what it holds (libmtmd's chunks and
 bitmaps) until ``close``.
 """
@@ -16,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import GgufMtpError
 from ..runtime.chat_template import prompt_text, text_tokens
-from .schema import ApiError, ChatRequest, CompletionRequest, Message, bad
+from .schema import ApiError, ChatRequest, CompletionRequest, Message, Part, bad
 from .tools import CALL_OPEN, Tools, render_plain, supports_tools, template_messages
 
 if TYPE_CHECKING:
-    from ..runtime.multimodal import Image, MediaPrompt, Projector
+    from ..runtime.multimodal import Media, MediaPrompt, Projector
 
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),", re.ASCII)
 
@@ -29,14 +30,38 @@ DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*),
 class Prompt:
     tokens: list[int]
     media: MediaPrompt | None = None
-    images: list[Image] = field(default_factory=list)
+    attached: list[Media] = field(default_factory=list)  # the images and audio clips ``media`` decodes
 
     def close(self) -> None:
         if self.media is not None:
             self.media.close()
-        for im in self.images:
-            im.close()
-        self.images.clear()
+        for m in self.attached:
+            m.close()
+        self.attached.clear()
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """How the server takes one kind of media part: what the projector must have, the projector's reader, and
+    the error codes when it has not or the bytes are bad."""
+
+    encoder: str  # Projector attribute: vision | audio
+    reader: str  # Projector method: bytes -> Media
+    missing: str  # the 400 when the projector lacks the encoder
+    missing_code: str
+    invalid_code: str
+
+
+MEDIA_KINDS = {
+    "image": MediaKind("vision", "image_from_bytes", "this server has no vision projector (start it with --mmproj)",
+                       "images_not_supported", "invalid_image"),
+    "audio": MediaKind("audio", "audio_from_bytes", "this server has no projector with an audio encoder (start it "
+                       "with an --mmproj that has one)", "audio_not_supported", "invalid_audio"),
+}
+
+
+def media_kind(p: Part) -> MediaKind:
+    return MEDIA_KINDS["image" if p.image_url is not None else "audio"]
 
 
 def image_bytes(url: str, param: str) -> bytes:
@@ -56,13 +81,26 @@ def image_bytes(url: str, param: str) -> bytes:
     return data
 
 
+def audio_bytes(data: str, param: str) -> bytes:
+    """The file bytes of an ``input_audio.data`` value (plain base64, as OpenAI's API sends it)."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(param, "expected base64 (the bytes of a WAV or FLAC file)", code="invalid_audio") from None
+    if not raw:
+        raise bad(param, "the audio data is empty", code="invalid_audio")
+    return raw
+
+
 def _content(msg: Message, marker: str | None) -> str:
-    """A message's parts as one string: text as it is, an image as the projector's marker (llama-server's way)."""
+    """A message's parts as one string: text as it is, an image or audio clip as the projector's marker
+    (llama-server's way)."""
     out: list[str] = []
     for p in msg.parts:
         if p.text is not None:
             if marker and marker in p.text:
-                raise bad(p.param, f"the text contains {marker!r}, which marks where images go", code="invalid_value")
+                raise bad(p.param, f"the text contains {marker!r}, which marks where images and audio clips go",
+                          code="invalid_value")
             out.append(("\n" if out and out[-1] != marker else "") + p.text)
         else:
             out.append(marker)
@@ -71,22 +109,24 @@ def _content(msg: Message, marker: str | None) -> str:
 
 def chat_prompt(engine: Any, projector: Projector | None, req: ChatRequest, think: bool,
                 tools: Tools | None = None) -> Prompt:
-    """Render the conversation with the target's template (tools: tools.py); images go through the projector."""
-    images = [p for m in req.messages for p in m.parts if p.image_url is not None]
-    if images and projector is None:
-        raise bad(images[0].param, "this server has no vision projector (start it with --mmproj)",
-                  code="images_not_supported")
+    """Render the conversation with the target's template (tools: tools.py); images and audio go through the
+    projector."""
+    parts = [p for m in req.messages for p in m.parts if p.is_media]
+    for p in parts:
+        kind = media_kind(p)
+        if projector is None or not getattr(projector, kind.encoder):
+            raise bad(p.param, kind.missing, code=kind.missing_code)
     marker = projector.marker if projector is not None else None
     contents = [_content(m, marker) for m in req.messages]
     try:
         text = _render(engine, req.messages, contents, think, tools)
-        if not images:
+        if not parts:
             return Prompt(text_tokens(engine, text))
         prompt = Prompt([])
         try:
-            for p in images:
-                prompt.images.append(_load_image(projector, p.image_url, p.param))
-            media = projector.tokenize(text, prompt.images)
+            for p in parts:
+                prompt.attached.append(_load(projector, p))
+            media = projector.tokenize(text, prompt.attached)
             prompt.tokens, prompt.media = media.tokens, media
         except BaseException:
             prompt.close()
@@ -108,11 +148,14 @@ def _render(engine: Any, messages: list[Message], contents: list[str], think: bo
     return prompt_text(engine, plain, enable_thinking=think) + tail + prefill
 
 
-def _load_image(projector: Projector, url: str, param: str) -> Image:
+def _load(projector: Projector, p: Part) -> Media:
+    """An image or audio part read through the projector; bytes it cannot read are a 400 naming the part."""
+    kind = media_kind(p)
+    data = image_bytes(p.image_url, p.param) if p.image_url is not None else audio_bytes(p.audio, p.param)
     try:
-        return projector.image_from_bytes(image_bytes(url, param), param)
+        return getattr(projector, kind.reader)(data, p.param)
     except GgufMtpError as e:
-        raise bad(param, str(e).removeprefix(f"{param}: "), code="invalid_image") from None
+        raise bad(p.param, str(e).removeprefix(f"{p.param}: "), code=kind.invalid_code) from None
 
 
 def completion_prompt(engine: Any, req: CompletionRequest) -> Prompt:

@@ -224,13 +224,21 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
+AUDIO_FORMATS = ("wav", "flac")  # input_audio.format values taken (soundfile reads the bytes; OpenAI: wav, mp3)
+
+
 @dataclass
 class Part:
-    """One piece of a message's content: text, or an image (its ``data:`` URL)."""
+    """One piece of a message's content: text, an image (its ``data:`` URL), or audio (base64 file bytes)."""
 
     text: str | None = None
     image_url: str | None = None
+    audio: str | None = None  # input_audio.data: a base64 WAV or FLAC file
     param: str = ""  # where it came from, for error messages
+
+    @property
+    def is_media(self) -> bool:
+        return self.image_url is not None or self.audio is not None
 
 
 @dataclass(frozen=True)
@@ -295,9 +303,9 @@ def _message(m: Any, param: str) -> Message:
     if isinstance(content, str):
         return Message(role, [Part(text=content, param=f"{param}.content")], calls, call_id, name)
     parts = [_part(p, f"{param}.content[{j}]") for j, p in enumerate(expect(content, list, f"{param}.content"))]
-    images = [p for p in parts if p.image_url is not None]
-    if images and role != "user":
-        raise bad(images[0].param, "images are allowed in user messages only", code="invalid_value")
+    media = [p for p in parts if p.is_media]
+    if media and role != "user":
+        raise bad(media[0].param, "images and audio are allowed in user messages only", code="invalid_value")
     return Message(role, parts, calls, call_id, name)
 
 
@@ -331,6 +339,14 @@ def _part(p: Any, param: str) -> Part:
         image = p.get("image_url")
         url = expect(image.get("url") if isinstance(image, dict) else image, str, f"{param}.image_url.url")
         return Part(image_url=url, param=f"{param}.image_url.url")
+    if kind == "input_audio":
+        audio = expect(p.get("input_audio"), dict, f"{param}.input_audio")
+        fmt = expect(audio.get("format"), str, f"{param}.input_audio.format")
+        if fmt not in AUDIO_FORMATS:
+            raise bad(f"{param}.input_audio.format", f"expected one of {', '.join(AUDIO_FORMATS)}, got {fmt!r}",
+                      code="invalid_value")
+        return Part(audio=expect(audio.get("data"), str, f"{param}.input_audio.data"),
+                    param=f"{param}.input_audio.data")
     raise unsupported(f"{param}.type", f"content part type {kind!r}")
 
 

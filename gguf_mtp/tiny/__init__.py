@@ -2,14 +2,15 @@
 
 Every test in the project runs on these. ``make_tiny_models(outdir)`` writes, per family,
 ``outdir/<family>/target`` and ``outdir/<family>/drafter`` (config.json, model.safetensors,
-generation_config.json, tokenizer files, chat_template.jinja). Building needs numpy, tokenizers and
-sentencepiece only (no torch) and takes well under a second per family.
+generation_config.json, tokenizer files, chat_template.jinja; a target with a vision part also
+processor_config.json, every sub-processor nested as transformers 5 saves it). Building needs numpy, tokenizers
+and sentencepiece only (no torch) and takes well under a second per family.
 
 Families (see ``configs.FAMILIES`` for every number):
 
 - ``tiny-e``: E2B-style. Per-layer embeddings, KV-shared layers, double-wide MLP on shared layers,
-  sliding/full layers with different head dims; Gemma4ForConditionalGeneration with a tiny vision tower;
-  drafter with the centroid (masked-embedding) head.
+  sliding/full layers with different head dims; Gemma4ForConditionalGeneration with a tiny vision tower and
+  a tiny audio tower (the E2B conformer, mel feature extractor); drafter with the centroid (masked-embedding) head.
 - ``tiny-dense``: 31B-style. attention_k_eq_v full layers, fewer global KV heads than sliding KV heads,
   no PLE, no shared KV; text-only Gemma4ForCausalLM; dense-head drafter.
 - ``tiny-moe``: 26B-A4B-style. MoE block beside the dense MLP; Gemma4ForConditionalGeneration layout
@@ -17,6 +18,24 @@ Families (see ``configs.FAMILIES`` for every number):
   in the form transformers' save_pretrained writes (``per_layer_config`` instead of ``global_head_dim``).
 - ``tiny-q``: every matrix row a multiple of 256 so llama.cpp k-quants (Q4_K, Q6_K) apply; text-only;
   weights stored as **bf16** (all other families are f32).
+- ``tiny-unified``: 12B-style (google/gemma-4-12B-it). Gemma4UnifiedForConditionalGeneration + its
+  Gemma4UnifiedAssistantForCausalLM drafter; (5 sliding + 1 full) x 2 layers, config.json in save_pretrained
+  form (per_layer_config); transformer-less vision embedder (raw 48x48 patches) and audio embedder (raw 640-sample
+  frames); image tokens attend bidirectionally (use_bidirectional_attention "vision", driven by
+  mm_token_type_ids); the target's generation_config.json carries ``suppress_tokens``.
+
+transformers 5.23.0 quirks these files work around (tests/test_tiny_models.py checks each):
+
+- The unified vision weights are written under the released checkpoint's names (``model.vision_embedder.*``,
+  ``model.embed_vision.embedding_projection``): llama.cpp's converter maps only those, and transformers renames
+  them on load (conversion_mapping.py). Its own module names (``embed_vision.patch_ln1`` ...) would not convert.
+- The unified text config keeps a null ``moe_intermediate_size``: the upstream converter requires the key.
+- Gemma4Processor / Gemma4UnifiedProcessor need an image processor, a feature extractor and a video processor
+  even for one modality; Gemma4UnifiedImageProcessor and both video processors need torchvision.
+- Gemma4AudioConfig: ``subsampling_conv_channels[0]`` must equal the 128 mel bins (input_proj_linear is sized
+  from it); Gemma4AudioFeatureExtractor needs a list of clips, not a bare 1-D array.
+- The assistants' all-shared text configs (and 0-shared targets) need patches/transformers' kv_sharing_modes fix,
+  for Gemma4UnifiedTextConfig too.
 
 Same seed, same bytes: tensors draw from per-name generators, tokenizer training is deterministic, JSON is
 written with fixed key order.
@@ -65,7 +84,7 @@ def _write_role(spec: FamilySpec, role: str, directory: Path, seed: int, adjust:
     make_config, make_specs = ROLES[role]
     _write_json(directory / "config.json", make_config(spec))
     _write_json(directory / "generation_config.json", configs.generation_config(spec, role))
-    if role == "target" and spec.vision is not None:
+    if role == "target" and spec.vision is not None:  # processor_config.json holds every media sub-processor
         _write_json(directory / "processor_config.json", configs.processor_config(spec))
     tensors = weights.materialize(make_specs(spec), seed, f"{spec.name}/{role}")
     if adjust is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import GgufMtpError
+from ..export.audio import CONFORMER_FIXED
 
 S, F = "sliding_attention", "full_attention"
 
@@ -109,6 +110,42 @@ TEXT_COMMON: dict[str, Any] = {
     "vocab_size_per_layer_input": VOCAB_SIZE,
 }
 
+# Gemma4UnifiedTextConfig has no PLE and no MoE fields; the rest is Gemma4TextConfig's. The upstream converter
+# (Gemma4Model.set_gguf_parameters, find_hparam without optional) still requires one of
+# expert_intermediate_size / moe_intermediate_size to be present, so the key stays, null.
+_GEMMA4_ONLY = ("enable_moe_block", "num_experts", "top_k_experts", "hidden_size_per_layer_input",
+                "vocab_size_per_layer_input")
+UNIFIED_TEXT_COMMON: dict[str, Any] = {
+    **{k: v for k, v in TEXT_COMMON.items() if k not in _GEMMA4_ONLY},
+    "model_type": "gemma4_unified_text",
+    "use_bidirectional_attention": "vision",  # the class default: image tokens see each other on sliding layers
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What differs between the two Gemma 4 model families in transformers (config and processor classes)."""
+
+    model_type: str  # the multimodal target's config.json model_type
+    conditional: str  # the multimodal target's architecture
+    drafter: str  # the MTP drafter's architecture
+    drafter_model_type: str
+    processor: str
+    image_processor: str
+    feature_extractor: str
+    video_processor: str
+
+
+LAYOUTS = {
+    "gemma4": Layout("gemma4", "Gemma4ForConditionalGeneration", "Gemma4AssistantForCausalLM", "gemma4_assistant",
+                     "Gemma4Processor", "Gemma4ImageProcessor", "Gemma4AudioFeatureExtractor",
+                     "Gemma4VideoProcessor"),
+    "gemma4_unified": Layout("gemma4_unified", "Gemma4UnifiedForConditionalGeneration",
+                             "Gemma4UnifiedAssistantForCausalLM", "gemma4_unified_assistant",
+                             "Gemma4UnifiedProcessor", "Gemma4UnifiedImageProcessor",
+                             "Gemma4UnifiedAudioFeatureExtractor", "Gemma4UnifiedVideoProcessor"),
+}
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -118,8 +155,11 @@ class FamilySpec:
     mimics: str
     target_text: dict[str, Any]
     drafter_text: dict[str, Any]
-    architecture: str = "Gemma4ForCausalLM"  # or Gemma4ForConditionalGeneration
-    vision: dict[str, Any] | None = None  # Gemma4VisionConfig fields; needs the conditional layout
+    architecture: str = "Gemma4ForCausalLM"  # or LAYOUTS[layout].conditional
+    layout: str = "gemma4"  # a key of LAYOUTS
+    vision: dict[str, Any] | None = None  # Gemma4VisionConfig / Gemma4UnifiedVisionConfig fields (conditional only)
+    audio: dict[str, Any] | None = None  # Gemma4AudioConfig / Gemma4UnifiedAudioConfig fields (conditional only)
+    suppress_tokens: tuple[int, ...] = ()  # the target's generation_config.json suppress_tokens (when not empty)
     dtype: str = "float32"  # safetensors dtype of floating tensors: float32 | bfloat16
     tokenizer: str = "json"  # json: tokenizer.json (tokenizers BPE); spm: tokenizer.model (sentencepiece)
     config_style: str = "original"  # original: global_head_dim keys; resaved: per_layer_config (save_pretrained)
@@ -128,17 +168,18 @@ class FamilySpec:
 
     @property
     def multimodal(self) -> bool:
-        return self.architecture == "Gemma4ForConditionalGeneration"
+        return self.architecture == LAYOUTS[self.layout].conditional
 
 
-def text_fields(**fields: Any) -> dict[str, Any]:
-    out = copy.deepcopy(TEXT_COMMON)
+def text_fields(common: dict[str, Any] = TEXT_COMMON, **fields: Any) -> dict[str, Any]:
+    out = copy.deepcopy(common)
     out.update(fields)
     out["num_hidden_layers"] = len(out["layer_types"])
     return out
 
 
-def drafter_text_fields(target: dict[str, Any], **fields: Any) -> dict[str, Any]:
+def drafter_text_fields(target: dict[str, Any], common: dict[str, Any] = TEXT_COMMON,
+                        **fields: Any) -> dict[str, Any]:
     """A Q-only drafter text config whose attention geometry matches the target's last S/F layers."""
     inherited = {
         k: target[k]
@@ -146,8 +187,8 @@ def drafter_text_fields(target: dict[str, Any], **fields: Any) -> dict[str, Any]
                   "sliding_window", "rope_parameters", "attention_k_eq_v", "max_position_embeddings")
         if k in target
     }
-    out = text_fields(**inherited, **fields)
-    out.update(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
+    out = text_fields(common, **inherited, **fields)
+    out.update({k: 0 for k in ("hidden_size_per_layer_input", "vocab_size_per_layer_input") if k in out})
     out["num_kv_shared_layers"] = out["num_hidden_layers"]
     return out
 
@@ -173,6 +214,59 @@ _Q_TARGET = text_fields(
     layer_types=[S, F, S, F], hidden_size=512, intermediate_size=256, num_attention_heads=4,
     num_key_value_heads=1, head_dim=64, global_head_dim=128, sliding_window=8, max_position_embeddings=131_072,
 )
+
+# gemma-4-12B style: the 5:1 sliding/full pattern twice, so the drafter's "last full layer" is not the only one;
+# no PLE, no MoE, no shared KV and V from its own projection (the unified config's defaults: the released 12B's
+# config.json is not available offline). config.json in save_pretrained form (per_layer_config), as the
+# unified config class writes it.
+_UNIFIED_TARGET = text_fields(
+    UNIFIED_TEXT_COMMON, layer_types=[S, S, S, S, S, F] * 2, hidden_size=64, intermediate_size=128,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=16,
+    max_position_embeddings=262_144,
+)
+
+# Gemma4UnifiedVisionConfig: no transformer, raw 48x48 merged patches -> LayerNorm/Dense/LayerNorm, a factorized
+# position table, LayerNorm, then RMSNorm + projection into the text model. patch_size and pooling_kernel_size
+# are the real ones: llama.cpp's GEMMA4UV reads no merge key (n_merge 3 hard-coded) and sizes images by them.
+# mm_embed_dim (= output_proj_dims, which must be equal: the projection reads the mm_embed_dim-wide states) is
+# deliberately not the text width, so a transposed projection cannot pass.
+_UNIFIED_VISION = {
+    "model_type": "gemma4_unified_vision",
+    "patch_size": 16,
+    "pooling_kernel_size": 3,
+    "mm_embed_dim": 48,
+    "mm_posemb_size": 1120,  # the real table size: mtmd resizes images up to 1120 soft tokens
+    "output_proj_dims": 48,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+}
+# Gemma4UnifiedAudioConfig: each soft token is a raw 16 kHz frame of audio_embed_dim samples (40 ms), RMS-normed and
+# projected. 640 is what llama.cpp's GEMMA4UA hard-codes as its frame size, so it stays.
+_UNIFIED_AUDIO = {
+    "model_type": "gemma4_unified_audio",
+    "audio_embed_dim": 640,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+}
+
+# Gemma4AudioConfig (E2B's conformer) at toy width. subsampling_conv_channels[0] stays 128: transformers sizes
+# input_proj_linear as (channels[0] // 4) * channels[1], which matches the conv stack's output only when
+# channels[0] equals the 128 mel bins. Chunking (12 / 13 / 0), the logit cap and kernel size are the real
+# values: llama.cpp's gemma4a graph hard-codes them (export/audio.py's CONFORMER_FIXED, which the exporter checks).
+# output_proj_dims differs from both widths on purpose.
+_TINY_AUDIO = {
+    "model_type": "gemma4_audio",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    **CONFORMER_FIXED,
+    "subsampling_conv_channels": [128, 8],
+    "attention_invalid_logits_value": -1.0e9,
+    "use_clipped_linears": True,
+    "gradient_clipping": 1e10,
+    "output_proj_dims": 48,
+    "initializer_range": 0.02,
+}
 
 _TINY_VISION = {
     "model_type": "gemma4_vision",
@@ -207,6 +301,7 @@ FAMILIES: dict[str, FamilySpec] = {
                                              num_attention_heads=2),
             architecture="Gemma4ForConditionalGeneration",
             vision=_TINY_VISION,
+            audio=_TINY_AUDIO,
             drafter_head={"use_ordered_embeddings": True, "num_centroids": 32, "centroid_intermediate_top_k": 8},
         ),
         FamilySpec(
@@ -233,6 +328,21 @@ FAMILIES: dict[str, FamilySpec] = {
             drafter_text=drafter_text_fields(_Q_TARGET, layer_types=[S, F], hidden_size=256, intermediate_size=512,
                                              num_attention_heads=4),
             dtype="bfloat16",
+        ),
+        FamilySpec(
+            name="tiny-unified",
+            mimics="gemma-4-12B: Gemma4Unified layout, transformer-less vision and audio embedders, "
+                   "bidirectional image attention, suppress_tokens, (5S + 1F) x 2",
+            target_text=_UNIFIED_TARGET,
+            drafter_text=drafter_text_fields(_UNIFIED_TARGET, UNIFIED_TEXT_COMMON, layer_types=[S, S, S, F],
+                                             hidden_size=32, intermediate_size=64, num_attention_heads=4),
+            architecture=LAYOUTS["gemma4_unified"].conditional,
+            layout="gemma4_unified",
+            vision=_UNIFIED_VISION,
+            audio=_UNIFIED_AUDIO,
+            config_style="resaved",
+            # the media placeholders: a model must never emit them (the converter writes the list to GGUF)
+            suppress_tokens=tuple(MULTIMODAL_IDS[k] for k in ("image_token_id", "audio_token_id", "video_token_id")),
         ),
     )
 }
@@ -344,17 +454,19 @@ def target_config(spec: FamilySpec) -> dict[str, Any]:
     common = {"dtype": spec.dtype, "transformers_version": "5.23.0"}
     if not spec.multimodal:
         return {"architectures": [spec.architecture], **text, **common}
-    cfg: dict[str, Any] = {"architectures": [spec.architecture], "model_type": "gemma4", "text_config": text,
-                           "vision_config": copy.deepcopy(spec.vision), "audio_config": None}
+    cfg: dict[str, Any] = {"architectures": [spec.architecture], "model_type": LAYOUTS[spec.layout].model_type,
+                           "text_config": text, "vision_config": copy.deepcopy(spec.vision),
+                           "audio_config": copy.deepcopy(spec.audio)}
     cfg.update(MULTIMODAL_IDS)
     cfg.update(initializer_range=0.02, tie_word_embeddings=True, **common)
     return cfg
 
 
 def drafter_config(spec: FamilySpec) -> dict[str, Any]:
+    layout = LAYOUTS[spec.layout]
     return {
-        "architectures": ["Gemma4AssistantForCausalLM"],
-        "model_type": "gemma4_assistant",
+        "architectures": [layout.drafter],
+        "model_type": layout.drafter_model_type,
         "backbone_hidden_size": spec.target_text["hidden_size"],
         "num_centroids": 2048,
         "centroid_intermediate_top_k": 32,
@@ -370,21 +482,53 @@ def generation_config(spec: FamilySpec, role: str) -> dict[str, Any]:
     cfg: dict[str, Any] = {"bos_token_id": 2, "eos_token_id": list(STOP_TOKEN_IDS), "pad_token_id": 0}
     if role == "drafter":
         cfg.update(num_assistant_tokens=spec.num_assistant_tokens, num_assistant_tokens_schedule="constant")
+    elif spec.suppress_tokens:
+        cfg["suppress_tokens"] = list(spec.suppress_tokens)
     cfg["transformers_version"] = "5.23.0"
     return cfg
 
 
+SAMPLING_RATE = 16_000  # both audio front ends (and llama.cpp's mtmd) take 16 kHz mono
+
+
+def _mel_features(audio: dict[str, Any]) -> dict[str, Any]:
+    """Gemma4AudioFeatureExtractor: 128 log-mel bins from 20 ms frames every 10 ms (its defaults)."""
+    return {"feature_size": 128, "sampling_rate": SAMPLING_RATE, "padding_value": 0.0, "return_attention_mask": True,
+            "frame_length_ms": 20.0, "hop_length_ms": 10.0, "min_frequency": 0.0, "max_frequency": 8000.0,
+            "preemphasis": 0.0, "preemphasis_htk_flavor": True, "fft_overdrive": False, "dither": 0.0,
+            "input_scale_factor": 1.0, "mel_floor": 1e-3, "per_bin_mean": None, "per_bin_stddev": None}
+
+
+def _frame_features(audio: dict[str, Any]) -> dict[str, Any]:
+    """Gemma4UnifiedAudioFeatureExtractor: the waveform cut into audio_embed_dim-sample frames."""
+    n = audio["audio_embed_dim"]
+    return {"feature_size": n, "sampling_rate": SAMPLING_RATE, "padding_value": 0.0, "audio_samples_per_token": n}
+
+
+AUDIO_FEATURES = {"gemma4": _mel_features, "gemma4_unified": _frame_features}
+
+
 def processor_config(spec: FamilySpec) -> dict[str, Any] | None:
-    """Image preprocessing facts (llama.cpp's mmproj converter reads image_mean / image_std here)."""
+    """processor_config.json as transformers 5 saves it: every sub-processor nested under its own key.
+
+    transformers' Gemma4(Unified)Processor needs all of image processor, feature extractor and video processor;
+    llama.cpp's mmproj converter reads image_mean / image_std from the nested image_processor.
+    """
     if spec.vision is None:
         return None
-    return {
-        "processor_class": "Gemma4Processor",
+    layout, v = LAYOUTS[spec.layout], spec.vision
+    patches = {"patch_size": v["patch_size"], "pooling_kernel_size": v["pooling_kernel_size"], "max_soft_tokens": 70}
+    out: dict[str, Any] = {
+        "processor_class": layout.processor,
         "image_processor": {
-            "image_processor_type": "Gemma4ImageProcessor",
+            "image_processor_type": layout.image_processor,
             "do_convert_rgb": True, "do_normalize": False, "do_rescale": True, "do_resize": True,
             "rescale_factor": 1 / 255, "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0],
-            "resample": 3, "patch_size": spec.vision["patch_size"],
-            "pooling_kernel_size": spec.vision["pooling_kernel_size"], "max_soft_tokens": 70,
+            "resample": 3, **patches,
         },
+        "video_processor": {"video_processor_type": layout.video_processor, **patches},
     }
+    if spec.audio is not None:
+        out["feature_extractor"] = {"feature_extractor_type": layout.feature_extractor,
+                                    **AUDIO_FEATURES[spec.layout](spec.audio)}
+    return out

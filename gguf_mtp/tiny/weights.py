@@ -52,6 +52,11 @@ def _signed_norm(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
     return (rng.uniform(0.8, 1.2, shape) * rng.choice([-1.0, 1.0], shape)).astype(np.float32)
 
 
+def _conv(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """N(0, 1/fan_in) for a conv kernel [out, in, *window]: fan_in is everything but the output channels."""
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.prod(shape[1:]) ** -0.5)
+
+
 def _permutation(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return rng.permutation(shape[0]).astype(np.int64)
 
@@ -70,6 +75,9 @@ INITS = {
     "clamp_min": _uniform(-12.0, -8.0),
     "clamp_max": _uniform(8.0, 12.0),
     "std_bias": _normal(0.1),
+    "bias": _normal(0.1),
+    "conv": _conv,
+    "per_dim_scale": _normal(0.5),  # softplus-ed by the model (zeros upstream: scale log(2) everywhere)
     "ordering": _permutation,
 }
 
@@ -164,11 +172,76 @@ def vision_specs(vision: dict[str, Any], text_hidden: int, prefix: str = "model.
     return specs
 
 
+def unified_vision_specs(vision: dict[str, Any], text_hidden: int, prefix: str = "model.") -> list[TensorSpec]:
+    """Gemma4UnifiedVisionEmbedder in the released checkpoint's names (``vision_embedder.*`` plus
+    ``embed_vision.embedding_projection``): what llama.cpp's converter maps; transformers renames them on load
+    (conversion_mapping.py, "gemma4_unified")."""
+    d, p = vision["mm_embed_dim"], (vision["patch_size"] * vision["pooling_kernel_size"]) ** 2 * 3
+    ve = prefix + "vision_embedder."
+    specs = [TensorSpec(ve + "patch_ln1.weight", (p,), "norm"), TensorSpec(ve + "patch_ln1.bias", (p,), "bias"),
+             TensorSpec(ve + "patch_dense.weight", (d, p), "linear"), TensorSpec(ve + "patch_dense.bias", (d,), "bias"),
+             TensorSpec(ve + "pos_embedding", (vision["mm_posemb_size"], 2, d), "pos_table")]
+    for norm in ("patch_ln2", "pos_norm"):
+        specs += [TensorSpec(f"{ve}{norm}.weight", (d,), "norm"), TensorSpec(f"{ve}{norm}.bias", (d,), "bias")]
+    specs.append(TensorSpec(prefix + "embed_vision.embedding_projection.weight",
+                            (text_hidden, vision["output_proj_dims"]), "linear"))
+    return specs
+
+
+def unified_audio_specs(audio: dict[str, Any], text_hidden: int, prefix: str = "model.") -> list[TensorSpec]:
+    """Gemma4Unified's audio embedder: raw frames RMS-normed (no weight) and projected."""
+    return [TensorSpec(prefix + "embed_audio.embedding_projection.weight", (text_hidden, audio["audio_embed_dim"]),
+                       "linear")]
+
+
+def audio_specs(audio: dict[str, Any], text_hidden: int, prefix: str = "model.") -> list[TensorSpec]:
+    """Gemma4AudioModel (the conformer) under ``model.audio_tower.`` and its projector ``model.embed_audio.``."""
+    h, heads, clip = audio["hidden_size"], audio["num_attention_heads"], audio["use_clipped_linears"]
+    c0, c1 = audio["subsampling_conv_channels"]
+    at = prefix + "audio_tower."
+    sub = at + "subsample_conv_projection."
+    specs = [TensorSpec(sub + "layer0.conv.weight", (c0, 1, 3, 3), "conv"),
+             TensorSpec(sub + "layer0.norm.weight", (c0,), "norm"),
+             TensorSpec(sub + "layer1.conv.weight", (c1, c0, 3, 3), "conv"),
+             TensorSpec(sub + "layer1.norm.weight", (c1,), "norm"),
+             TensorSpec(sub + "input_proj_linear.weight", (h, c0 // 4 * c1), "linear")]
+    for i in range(audio["num_hidden_layers"]):
+        p = f"{at}layers.{i}."
+        for ff in ("feed_forward1.", "feed_forward2."):
+            specs += _clippable(p + ff + "ffw_layer_1", (4 * h, h), clip)
+            specs += _clippable(p + ff + "ffw_layer_2", (h, 4 * h), clip)
+            specs += [TensorSpec(p + ff + "pre_layer_norm.weight", (h,), "norm"),
+                      TensorSpec(p + ff + "post_layer_norm.weight", (h,), "norm")]
+        for proj in ("q_proj", "k_proj", "v_proj", "post"):
+            specs += _clippable(p + "self_attn." + proj, (h, h), clip)
+        specs += [TensorSpec(p + "self_attn.per_dim_scale", (h // heads,), "per_dim_scale"),
+                  TensorSpec(p + "self_attn.relative_k_proj.weight", (h, h), "linear")]
+        specs += _clippable(p + "lconv1d.linear_start", (2 * h, h), clip)
+        specs += _clippable(p + "lconv1d.linear_end", (h, h), clip)
+        specs += [TensorSpec(p + "lconv1d.depthwise_conv1d.weight", (h, 1, audio["conv_kernel_size"]), "conv"),
+                  TensorSpec(p + "lconv1d.pre_layer_norm.weight", (h,), "norm"),
+                  TensorSpec(p + "lconv1d.conv_norm.weight", (h,), "norm")]
+        specs += [TensorSpec(f"{p}{n}.weight", (h,), "norm") for n in ("norm_pre_attn", "norm_post_attn", "norm_out")]
+    out = audio["output_proj_dims"]
+    specs += [TensorSpec(at + "output_proj.weight", (out, h), "linear"),
+              TensorSpec(at + "output_proj.bias", (out,), "bias"),
+              TensorSpec(prefix + "embed_audio.embedding_projection.weight", (text_hidden, out), "linear")]
+    return specs
+
+
+# layout -> (vision part, audio part) tensor builders
+MEDIA_SPECS = {
+    "gemma4": (vision_specs, audio_specs),
+    "gemma4_unified": (unified_vision_specs, unified_audio_specs),
+}
+
+
 def target_specs(spec: FamilySpec) -> list[TensorSpec]:
     prefix = "model.language_model." if spec.multimodal else "model."
     specs = text_model_specs(spec.target_text, prefix)
-    if spec.vision is not None:
-        specs += vision_specs(spec.vision, spec.target_text["hidden_size"])
+    for part, make in zip((spec.vision, spec.audio), MEDIA_SPECS[spec.layout]):
+        if part is not None:
+            specs += make(part, spec.target_text["hidden_size"])
     return specs
 
 

@@ -39,8 +39,11 @@ def kv_sharing_modes(config) -> list[str | None]:
 
 def _fix_kv_sharing_modes() -> None:
     from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+    from transformers.models.gemma4_unified.configuration_gemma4_unified import Gemma4UnifiedTextConfig
 
-    Gemma4TextConfig.kv_sharing_modes = property(kv_sharing_modes)
+    # the 12B's text config carries its own copy of the same property, with the same two defects
+    for cls in (Gemma4TextConfig, Gemma4UnifiedTextConfig):
+        cls.kv_sharing_modes = property(kv_sharing_modes)
 
 
 def _fix_slice_without_ple() -> None:
