@@ -143,6 +143,10 @@ def main() -> int:
         f"MTP over RPC vs MTP locally: best split {best_split} {split.mode(best_split).speedup:.2f}x over the split "
         f"target alone, best local {best_local} {local.mode(best_local).speedup:.2f}x over the local target alone "
         f"(claim 'MTP gains more over RPC': {'holds' if gains_more else 'does not hold'})",
+        "speed-up over the target alone by mode, split vs local: "
+        + ", ".join(f"{m} {split.mode(m).speedup:.2f}x vs {local.mode(m).speedup:.2f}x" for m in fixed + ["adaptive"])
+        + f" (larger over RPC in {sum(split.mode(m).speedup > local.mode(m).speedup for m in fixed + ['adaptive'])}"
+        f" of {len(fixed) + 1} modes)",
         "RPC overhead per round (split minus local seconds per target step), target alone, k=1..4: "
         + ", ".join(f"{o * 1e3:+.1f} ms" for o in overhead),
         f"same tokens local and split in every mode: {'yes' if same else 'NO'}",

@@ -27,7 +27,8 @@ KEY_METADATA = (
     Keys.LLM.EXPERT_USED_COUNT, Keys.LLM.NEXTN_PREDICT_LAYERS, keys.CENTROID_COUNT, keys.CENTROID_TOP_K,
     Keys.LLM.FINAL_LOGIT_SOFTCAPPING,
     Keys.ClipVision.PROJECTOR_TYPE, Keys.ClipVision.PROJECTION_DIM, Keys.ClipVision.IMAGE_SIZE,
-    Keys.ClipVision.BLOCK_COUNT, Keys.Clip.HAS_AUDIO_ENCODER,
+    Keys.ClipVision.BLOCK_COUNT, Keys.Clip.HAS_AUDIO_ENCODER, Keys.ClipAudio.PROJECTOR_TYPE, Keys.ClipAudio.BLOCK_COUNT,
+    Keys.ClipAudio.NUM_MEL_BINS,
     keys.IMATRIX_KEYS["file"], keys.IMATRIX_KEYS["dataset"], keys.IMATRIX_KEYS["entries"],
 )
 _LAYER = re.compile(r"^((?:[a-z]+\.)?blk)\.(\d+)\.")

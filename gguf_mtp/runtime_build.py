@@ -558,7 +558,8 @@ class RuntimeInfo:
     installed: bool
     llama_cpp_python: str | None = None
     library: str | None = None
-    gpu_offload: bool = False
+    gpu_offload: bool = False  # a local GPU device (llama_supports_gpu_offload also says yes for RPC alone)
+    rpc: bool = False  # llama.cpp's RPC backend is in the library (rpc-server hosts can be added)
     backends: list[str] = field(default_factory=list)
     devices: list[dict] = field(default_factory=list)
     patch_series: int | None = None  # None: stock library (no version symbol)
@@ -616,6 +617,16 @@ def _devices(lib: ctypes.CDLL) -> tuple[list[str], list[dict]]:
     return backends, devices
 
 
+def _has_backend(lib: ctypes.CDLL, name: str) -> bool:
+    """Is backend ``name`` registered (it may have no device yet: RPC gets one per added server)?"""
+    try:
+        by_name = lib.ggml_backend_reg_by_name
+    except AttributeError:
+        return False
+    by_name.restype, by_name.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
+    return bool(by_name(name.encode()))
+
+
 def patch_declaration(lib: ctypes.CDLL) -> str | None:
     """The version symbol's string, or None for a stock library."""
     try:
@@ -667,7 +678,8 @@ def runtime_info(patch_dir: Path | None = None) -> RuntimeInfo:
         installed=True,
         llama_cpp_python=getattr(llama_cpp, "__version__", None),
         library=getattr(lib, "_name", None),
-        gpu_offload=bool(bindings.llama_supports_gpu_offload()),
+        gpu_offload=any(d["type"] in ("GPU", "IGPU") for d in devices),
+        rpc=_has_backend(lib, "RPC"),
         backends=backends,
         devices=devices,
         patch_series=parsed[0] if parsed else None,
@@ -769,7 +781,8 @@ def _describe(info: RuntimeInfo) -> str:
         return "llama-cpp-python: not installed"
     patches = ", ".join(info.patches) if info.patched else "none (stock build)"
     lines = [f"llama-cpp-python: {info.llama_cpp_python}", f"library: {info.library}",
-             f"backends: {', '.join(info.backends) or 'unknown'} (GPU offload: {'yes' if info.gpu_offload else 'no'})",
+             f"backends: {', '.join(info.backends) or 'unknown'} (GPU offload: {'yes' if info.gpu_offload else 'no'}; "
+             f"RPC: {'yes' if info.rpc else 'no'})",
              f"gguf-mtp patches: {patches}"]
     lines.append(f"CPU flags: {' '.join(info.cpu_flags) or 'none'}; AMX usable: {'yes' if info.amx.get('usable') else 'no'}")
     if info.up_to_date is False:

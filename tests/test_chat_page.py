@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import signal
@@ -42,6 +43,14 @@ MODEL, KEY = "trained", "page-key"
 SLOT_CTX = 4096  # --ctx 8192 over 2 slots: room for a reply long enough to stop by hand
 SYSTEM = "You write Python."
 TURNS = ["Write a function that parses command line arguments.", "Now add a docstring."]
+CLIP_S, CLIP_RATE = 1.2, 24_000  # an attached clip: 30 soft tokens on tiny-e (gemma4a: 40 ms each)
+HEAR = "what do you hear"
+# The page's fetch, wrapped so a test can read the body of its last chat request (the page calls the global fetch).
+RECORD_REQUESTS = """const fetch0 = window.fetch;
+window.fetch = (path, init) => {
+  if (String(path).endsWith("chat/completions")) window.lastChatBody = init.body;
+  return fetch0(path, init);
+};"""
 
 
 @dataclass
@@ -194,6 +203,32 @@ def api_chat(server: Server, messages: list[dict], draft: Any, think: bool = Fal
     return r.json()
 
 
+def write_picture(path: Path) -> Path:
+    """A 130x100 PNG of noise (gemma4v: 80 soft tokens)."""
+    Image = pytest.importorskip("PIL.Image", reason="needs the dev extra (pillow)")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 130, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def write_clip(path: Path) -> Path:
+    """A 440 Hz tone, written by soundfile in the format its suffix names (.wav, .flac)."""
+    sf = pytest.importorskip("soundfile", reason="needs the dev extra (soundfile)")
+    t = np.arange(int(CLIP_S * CLIP_RATE)) / CLIP_RATE
+    sf.write(path, (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), CLIP_RATE)
+    return path
+
+
+def attach(driver: Any, kind: str, path: Path) -> None:
+    """Choose ``path`` in the ``kind`` (image, audio) file input; wait until the page shows it as pending."""
+    by_id(driver, kind).send_keys(str(path))
+    wait(driver, lambda d: by_id(d, f"{kind}-name").text == path.name, timeout=5)
+    assert by_id(driver, f"{kind}-attachment").is_displayed()
+
+
+def audio_part(path: Path, fmt: str) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(path.read_bytes()).decode(), "format": fmt}}
+
+
 def save_screenshot(driver: Any, tmp_path: Path) -> None:
     shot = tmp_path / "chat-page.png"
     driver.save_screenshot(str(shot))
@@ -291,19 +326,86 @@ def test_api_key_is_asked_once_per_tab(server, browser):
 def test_image_message(vision_server, browser, tmp_path):
     """An attached image goes out as a data: URL in the user's message (shown in it), and the reply is the API's
     answer to the same request."""
-    Image = pytest.importorskip("PIL.Image", reason="needs the dev extra (pillow)")
-    picture = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 130, 3), dtype=np.uint8)).save(picture)
+    picture = write_picture(tmp_path / "noise.png")
     url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
     page = open_page(browser, vision_server)
     settings(page, max_tokens=8)
-    by_id(page, "image").send_keys(str(picture))
-    wait(page, lambda d: by_id(d, "attachment-name").text == picture.name, timeout=5)
+    attach(page, "image", picture)
     reply = send(page, "what is in this picture")
     assert page.find_elements(By.CSS_SELECTOR, "#log li.user img")[-1].get_attribute("src") == url
-    assert not by_id(page, "attachment").is_displayed()  # one message, one image
+    assert not by_id(page, "image-attachment").is_displayed()  # one message, one image
     content = [{"type": "text", "text": "what is in this picture"}, {"type": "image_url", "image_url": {"url": url}}]
     want = api_chat(vision_server, [{"role": "user", "content": content}], "adaptive", max_tokens=8)
     assert shown(reply)[0] == want["choices"][0]["message"]["content"]
     assert want["usage"]["prompt_tokens"] > 80  # the image is in the prompt (gemma4v: 80 soft tokens for 130x100)
+    assert console_errors(browser) == []
+
+
+@pytest.mark.parametrize("fmt, with_image", [("wav", False), ("flac", True)], ids=["wav", "flac-and-image"])
+def test_audio_message(vision_server, browser, tmp_path, fmt, with_image):
+    """An attached WAV or FLAC file goes out as an input_audio part (the file's base64, the format from its name),
+    after the text and an image attached with it; the user's message shows the file's name and a player that loads
+    it (the CSP allows data: media), and the reply is the API's answer to the same request."""
+    clip = write_clip(tmp_path / f"tone.{fmt}")
+    page = open_page(browser, vision_server)
+    page.execute_script(RECORD_REQUESTS)
+    settings(page, max_tokens=8)
+    attach(page, "audio", clip)
+    by_id(page, "remove-audio").click()  # removed: pending no more, and the same file can be chosen again
+    assert not by_id(page, "audio-attachment").is_displayed() and by_id(page, "audio").get_attribute("value") == ""
+    attach(page, "audio", clip)
+    content = [{"type": "text", "text": HEAR}]
+    if with_image:
+        picture = write_picture(tmp_path / "noise.png")
+        attach(page, "image", picture)
+        url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    content.append(audio_part(clip, fmt))
+    reply = send(page, HEAR)
+    sent = json.loads(page.execute_script("return window.lastChatBody"))
+    assert sent["messages"] == [{"role": "user", "content": content}]
+    assert not by_id(page, "audio-attachment").is_displayed() and not by_id(page, "image-attachment").is_displayed()
+    shown_clip = page.find_elements(By.CSS_SELECTOR, "#log li.user figure")[-1]
+    assert shown_clip.find_element(By.TAG_NAME, "figcaption").text == clip.name
+    player = shown_clip.find_element(By.TAG_NAME, "audio")
+    wait(page, lambda d: player.get_property("readyState") >= 1, timeout=5)  # its metadata loaded
+    assert player.get_property("duration") == pytest.approx(CLIP_S, abs=0.01)
+    want = api_chat(vision_server, [{"role": "user", "content": content}], "adaptive", max_tokens=8)
+    assert shown(reply)[0] == want["choices"][0]["message"]["content"]
+    text_only = api_chat(vision_server, [{"role": "user", "content": HEAR}], "adaptive", max_tokens=1)
+    assert want["usage"]["prompt_tokens"] >= text_only["usage"]["prompt_tokens"] + 30  # the clip is in the prompt
+    assert console_errors(browser) == []
+
+
+AUDIO_ERRORS = [  # id, the server (a fixture), the attached file's bytes (None: a good clip), the API's error code
+    ("no-audio-encoder", "server", None, "audio_not_supported"),
+    ("not-audio", "vision_server", b"RIFF not really a wave file", "invalid_audio"),
+]
+
+
+@pytest.mark.parametrize("served, data, code", [c[1:] for c in AUDIO_ERRORS], ids=[c[0] for c in AUDIO_ERRORS])
+def test_audio_error_is_shown_and_the_chat_goes_on(request, browser, tmp_path, served, data, code):
+    """A server without an audio encoder, or a file that is not audio: the reply shows the server's error message
+    (the API's for the same request), and the next message is sent without the failed turn."""
+    server = request.getfixturevalue(served)
+    clip = tmp_path / "clip.wav"
+    if data is None:
+        write_clip(clip)
+    else:
+        clip.write_bytes(data)
+    page = open_page(browser, server)
+    settings(page, max_tokens=8)
+    attach(page, "audio", clip)
+    reply = send(page, HEAR, state="error")
+    body = {"model": MODEL, "max_tokens": 8,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": HEAR}, audio_part(clip, "wav")]}]}
+    with server.http() as http:
+        r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+    assert reply.find_element(By.CSS_SELECTOR, ".status.error").text == r.json()["error"]["message"]
+    assert console_errors(browser, allowed="status of 400") == []  # the refused request is the only error
+    assert not by_id(page, "audio-attachment").is_displayed()
+    reply = send(page, TURNS[0])
+    want = api_chat(server, [{"role": "user", "content": TURNS[0]}], "adaptive", max_tokens=8)
+    assert shown(reply)[0] == want["choices"][0]["message"]["content"]
     assert console_errors(browser) == []

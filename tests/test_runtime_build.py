@@ -298,6 +298,9 @@ def test_runtime_info_json():
     assert info["installed"] and info["llama_cpp_python"].startswith("0.3.36")
     assert "CPU" in info["backends"] and info["devices"]
     assert info["expected_series"] == rb.load_series().version
+    # the RPC backend and its rpc-server come together; "GPU offload" means a local GPU device, not RPC
+    assert info["rpc"] == (rb.rpc_server_path() is not None)
+    assert info["gpu_offload"] == any(d["type"] in ("GPU", "IGPU") for d in info["devices"])
     # a library either carries no patches (stock) or exactly what its version label says
     if info["patched"]:
         assert info["llama_cpp_python"] == f"0.3.36+gguf_mtp.{info['patch_series']}"

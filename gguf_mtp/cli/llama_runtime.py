@@ -70,6 +70,7 @@ def _print_runtime_info(info: Any) -> None:
         raise GgufMtpError("llama-cpp-python is not installed (python3 tools/build_runtime.py build)")
     rows = [["llama-cpp-python", info.llama_cpp_python], ["library", info.library],
             ["backends", ", ".join(info.backends) or "unknown"], ["GPU offload", "yes" if info.gpu_offload else "no"],
+            ["RPC (rpc-server hosts)", "yes" if info.rpc else "no (built with --no-rpc)"],
             ["gguf-mtp patches", ", ".join(info.patches) if info.patched else "none (stock build)"],
             ["centroid-head drafters", "yes" if info.centroid_head else "no"]]
     if info.expected_series is not None:

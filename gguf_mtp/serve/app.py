@@ -47,8 +47,9 @@ FINISH = {"eog": "stop", "stop": "stop", "max_tokens": "length", "context": "len
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first (metrics only)
 PAGE_FILES = {"/": ("index.html", "text/html"), "/chat.css": ("chat.css", "text/css"),
               "/chat.js": ("chat.js", "text/javascript")}  # path -> file in static/, its media type
-PAGE_HEADERS = {  # the page loads nothing from elsewhere; images are the user's own data: URLs
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+PAGE_HEADERS = {  # the page loads nothing from elsewhere; images and audio are the user's own data: URLs
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; media-src data:; base-uri 'none'; "
+                               "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 

@@ -9,8 +9,46 @@ const POLL_MS = 1000;
 const PAINT_MS = 50; // a fast stream is drawn (and the page answers clicks) at least this often
 const METRIC = "gguf_mtp_";
 
-const chat = { model: null, history: [], image: null, controller: null, needsKey: false, asking: null,
+const chat = { model: null, history: [], attached: {}, controller: null, needsKey: false, asking: null,
                pinned: true }; // pinned: the conversation is scrolled to its end, so it follows new text
+
+// The files a message can carry, one pending of each kind (chat.attached[kind]): what the page keeps of one (from
+// its name and FileReader's data: URL), the content part it goes out as, and how the user's message shows it.
+// The page does not know whether the model takes a kind: the server's 400 (images_not_supported,
+// audio_not_supported, invalid_image_url, invalid_audio) is shown as the reply's error.
+const ATTACHMENTS = {
+  image: {
+    hold: (name, url) => ({ name, url }),
+    part: (a) => ({ type: "image_url", image_url: { url: a.url } }),
+    show(a) {
+      const img = document.createElement("img");
+      img.src = a.url;
+      img.alt = `attached image ${a.name}`;
+      return img;
+    },
+  },
+  audio: {
+    // input_audio is plain base64 and a format; the server reads the bytes whatever their kind, so anything not
+    // named .flac goes as wav. The player gets an audio/ type of its own: FileReader's may be empty for FLAC.
+    hold(name, url) {
+      const format = /\.flac$/i.test(name) ? "flac" : "wav";
+      const data = url.slice(url.indexOf(",") + 1);
+      return { name, format, data, url: `data:audio/${format};base64,${data}` };
+    },
+    part: (a) => ({ type: "input_audio", input_audio: { data: a.data, format: a.format } }),
+    show(a) {
+      const clip = document.createElement("figure");
+      const name = document.createElement("figcaption");
+      name.textContent = a.name;
+      const player = document.createElement("audio");
+      player.controls = true;
+      player.src = a.url;
+      player.setAttribute("aria-label", `attached audio ${a.name}`);
+      clip.append(name, player);
+      return clip;
+    },
+  },
+};
 
 // --- the API key, asked once per tab ----------------------------------------------------------------------------
 function askKey(reason) {
@@ -149,7 +187,7 @@ async function pollMetrics() {
 }
 
 // --- the conversation -------------------------------------------------------------------------------------------
-function addMessage(role, text, image) {
+function addMessage(role, text, attached = []) {
   const item = document.createElement("li");
   item.className = role;
   const who = document.createElement("span");
@@ -159,12 +197,7 @@ function addMessage(role, text, image) {
   body.className = "text";
   body.textContent = text;
   item.append(who, body);
-  if (image) {
-    const img = document.createElement("img");
-    img.src = image.url;
-    img.alt = `attached image ${image.name}`;
-    item.append(img);
-  }
+  for (const [kind, a] of attached) item.append(ATTACHMENTS[kind].show(a));
   $("log").append(item);
   toEnd();
   return item;
@@ -276,10 +309,12 @@ async function* events(response) {
 }
 
 async function send(text) {
-  const image = chat.image;
-  chat.history.push({ role: "user", content: image ? [{ type: "text", text }, { type: "image_url", image_url: { url: image.url } }] : text });
-  addMessage("user", text, image);
-  clearImage();
+  const attached = Object.keys(ATTACHMENTS).filter((kind) => chat.attached[kind])
+    .map((kind) => [kind, chat.attached[kind]]);
+  const parts = attached.map(([kind, a]) => ATTACHMENTS[kind].part(a));
+  chat.history.push({ role: "user", content: parts.length ? [{ type: "text", text }, ...parts] : text });
+  addMessage("user", text, attached);
+  for (const kind in ATTACHMENTS) detach(kind);
   const reply = new Reply();
   chat.controller = new AbortController();
   busy(true);
@@ -318,10 +353,22 @@ function busy(on) {
   $("stop").disabled = !on;
 }
 
-function clearImage() {
-  chat.image = null;
-  $("image").value = "";
-  $("attachment").hidden = true;
+function attach(kind) {
+  const file = $(kind).files[0];
+  if (!file) return detach(kind);
+  const reader = new FileReader();
+  reader.onload = () => {
+    chat.attached[kind] = ATTACHMENTS[kind].hold(file.name, reader.result);
+    $(`${kind}-name`).textContent = file.name;
+    $(`${kind}-attachment`).hidden = false;
+  };
+  reader.readAsDataURL(file);
+}
+
+function detach(kind) {
+  chat.attached[kind] = null;
+  $(kind).value = ""; // so choosing the same file again is a change
+  $(`${kind}-attachment`).hidden = true;
 }
 
 function newChat() {
@@ -355,18 +402,10 @@ async function start() {
   });
   $("stop").addEventListener("click", () => chat.controller && chat.controller.abort());
   $("new-chat").addEventListener("click", newChat);
-  $("remove-image").addEventListener("click", clearImage);
-  $("image").addEventListener("change", () => {
-    const file = $("image").files[0];
-    if (!file) return clearImage();
-    const reader = new FileReader();
-    reader.onload = () => {
-      chat.image = { name: file.name, url: reader.result };
-      $("attachment-name").textContent = file.name;
-      $("attachment").hidden = false;
-    };
-    reader.readAsDataURL(file);
-  });
+  for (const kind in ATTACHMENTS) {
+    $(kind).addEventListener("change", () => attach(kind));
+    $(`remove-${kind}`).addEventListener("click", () => detach(kind));
+  }
   for (const radio of document.querySelectorAll('input[name="draft"]')) {
     radio.addEventListener("change", () => { $("draft-k").disabled = typeof draftSetting() !== "object"; });
   }
