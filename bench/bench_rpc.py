@@ -80,7 +80,7 @@ def seconds_per_round(m) -> float:
     return m.seconds / m.rounds if m.rounds else 0.0
 
 
-def markdown(local: BenchResult, split: BenchResult, endpoints: list[str], args, claims: list[str]) -> str:
+def markdown(local: BenchResult, split: BenchResult, claims: list[str]) -> str:
     lines = [
         f"Speed pair (`tools/make_speed_pair.py`), {local.prompts} prompt(s) x {local.max_tokens} tokens, greedy, "
         f"fastest of {local.repeats}; {platform.machine()}, {os.cpu_count()} CPUs shared by the client and the "
@@ -134,8 +134,9 @@ def main() -> int:
               f"{rm.speedup:>6.2f}x{rm.tokens_per_second / lm.tokens_per_second:>11.2f}x"
               f"{(seconds_per_round(rm) - seconds_per_round(lm)) * 1e3:>+14.1f}")
     fixed = [f"k={k}" for k in KS]
-    best_local = max(fixed + ["adaptive"], key=lambda m: local.mode(m).speedup)
-    best_split = max(fixed + ["adaptive"], key=lambda m: split.mode(m).speedup)
+    mtp = [*fixed, "adaptive"]
+    best_local = max(mtp, key=lambda m: local.mode(m).speedup)
+    best_split = max(mtp, key=lambda m: split.mode(m).speedup)
     gains_more = split.mode(best_split).speedup > local.mode(best_local).speedup
     same = all(a == b for lm, rm in zip(local.modes, split.modes) for a, b in zip(lm.outputs, rm.outputs))
     overhead = [seconds_per_round(split.mode(m)) - seconds_per_round(local.mode(m)) for m in ["target", *fixed]]
@@ -144,9 +145,8 @@ def main() -> int:
         f"target alone, best local {best_local} {local.mode(best_local).speedup:.2f}x over the local target alone "
         f"(claim 'MTP gains more over RPC': {'holds' if gains_more else 'does not hold'})",
         "speed-up over the target alone by mode, split vs local: "
-        + ", ".join(f"{m} {split.mode(m).speedup:.2f}x vs {local.mode(m).speedup:.2f}x" for m in fixed + ["adaptive"])
-        + f" (larger over RPC in {sum(split.mode(m).speedup > local.mode(m).speedup for m in fixed + ['adaptive'])}"
-        f" of {len(fixed) + 1} modes)",
+        + ", ".join(f"{m} {split.mode(m).speedup:.2f}x vs {local.mode(m).speedup:.2f}x" for m in mtp)
+        + f" (larger over RPC in {sum(split.mode(m).speedup > local.mode(m).speedup for m in mtp)} of {len(mtp)} modes)",
         "RPC overhead per round (split minus local seconds per target step), target alone, k=1..4: "
         + ", ".join(f"{o * 1e3:+.1f} ms" for o in overhead),
         f"same tokens local and split in every mode: {'yes' if same else 'NO'}",
@@ -155,7 +155,7 @@ def main() -> int:
     for c in claims:
         print(c)
     if args.write_docs:
-        write_section(DOCS, "rpc", markdown(local, split, eps, args, claims))
+        write_section(DOCS, "rpc", markdown(local, split, claims))
     return 0
 
 

@@ -708,17 +708,9 @@ def get_variant(name: str, registry: Registry | None = None) -> Variant:
     return (registry if registry is not None else load_registry()).get(name)
 
 
-# --- checking a real config.json against the registry: registry_config.py, re-exported here -------------------
-
-from .registry_config import (  # noqa: E402  (it reads the dataclasses above)
-    CONFIG_CHECKS, ConfigMismatch, check_config, config_mismatches, variant_for_config,
-)
-
-
 __all__ = [
-    "AudioEmbedderSpec", "AudioSpec", "CONFIG_CHECKS", "ConfigMismatch", "DrafterHead", "Embedders",
-    "VisionEmbedderSpec", "check_config", "config_mismatches", "variant_for_config", "DrafterSpec", "Field", "HFRepos", "KVHeads", "LayerPattern", "MoESpec",
-    "ParamsEstimate", "Recommended", "Registry", "RegistryError", "RopeSpec", "SCHEMA", "SCHEMA_VERSION",
-    "TextSpec", "Variant", "VisionSpec", "default_path", "get_variant", "load_registry", "name_key",
-    "parse_registry",
+    "AudioEmbedderSpec", "AudioSpec", "DrafterHead", "DrafterSpec", "Embedders", "Field", "HFRepos", "KVHeads",
+    "LayerPattern", "MoESpec", "ParamsEstimate", "Recommended", "Registry", "RegistryError", "RopeSpec", "SCHEMA",
+    "SCHEMA_VERSION", "TextSpec", "Variant", "VisionEmbedderSpec", "VisionSpec", "default_path", "get_variant",
+    "load_registry", "name_key", "parse_registry",
 ]

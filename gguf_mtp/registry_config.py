@@ -1,6 +1,6 @@
 """Checking a checkpoint's config.json against the registry: the exporter's guard for the released variants.
 
-Re-exported by ``gguf_mtp.registry`` (call it as ``registry.check_config``). The registry marks what no public
+The exporter calls ``check_config`` as it locates a checkpoint (export/source.py). The registry marks what no public
 source pinned (``unconfirmed``); every other fact a config.json states must agree, or the conversion is refused
 before a byte is written. Tiny and foreign checkpoints match no variant and are not checked.
 """
@@ -54,12 +54,13 @@ def _layer_types(c: Mapping[str, Any]) -> Any:
                                              for x in types]
 
 
-def _text_row(path: str, key: str, want: Callable[[Variant], Any]) -> tuple:
-    return path, "target", want, lambda c: _get(_text_cfg(c), key)
+def _text_row(path: str, key: str, want: Callable[[Variant], Any], role: str = "target") -> tuple:
+    """A row whose config.json value is text_config's ``key`` (the drafter's own text config for role "drafter")."""
+    return path, role, want, lambda c: _get(_text_cfg(c), key)
 
 
 def _draft_row(path: str, key: str, want: Callable[[Variant], Any]) -> tuple:
-    return path, "drafter", want, lambda c: _get(_text_cfg(c), key)
+    return _text_row(path, key, want, "drafter")
 
 
 def _head_dim_full(c: Mapping[str, Any]) -> Any:
@@ -72,7 +73,7 @@ def _kv_full(c: Mapping[str, Any]) -> Any:
 
 
 def _embedder(part: str, field: str) -> Callable[[Variant], Any]:
-    return lambda v: getattr(getattr(v.embedders, part), field) if v.embedders and getattr(v.embedders, part) else MISSING
+    return lambda v: _tower(part, field)(v.embedders) if v.embedders else MISSING
 
 
 def _tower(part: str, field: str) -> Callable[[Variant], Any]:
@@ -100,7 +101,8 @@ CONFIG_CHECKS: tuple[tuple[str, str, Callable[[Variant], Any], Callable[[Mapping
     _text_row("text.final_logit_softcap", "final_logit_softcapping", lambda v: v.text.final_logit_softcap),
     _text_row("text.moe.experts", "num_experts", lambda v: v.text.moe.experts if v.text.moe else MISSING),
     _text_row("text.moe.top_k", "top_k_experts", lambda v: v.text.moe.top_k if v.text.moe else MISSING),
-    _text_row("text.moe.expert_ffn", "moe_intermediate_size", lambda v: v.text.moe.expert_ffn if v.text.moe else MISSING),
+    _text_row("text.moe.expert_ffn", "moe_intermediate_size",
+              lambda v: v.text.moe.expert_ffn if v.text.moe else MISSING),
     ("vision.width", "target", _tower("vision", "width"), lambda c: _get(c, "vision_config", "hidden_size")),
     ("vision.layers", "target", _tower("vision", "layers"), lambda c: _get(c, "vision_config", "num_hidden_layers")),
     ("vision.heads", "target", _tower("vision", "heads"), lambda c: _get(c, "vision_config", "num_attention_heads")),
@@ -127,8 +129,10 @@ CONFIG_CHECKS: tuple[tuple[str, str, Callable[[Variant], Any], Callable[[Mapping
     _draft_row("drafter.heads", "num_attention_heads", lambda v: v.drafter.heads),
     ("drafter.layer_pattern", "drafter", lambda v: v.drafter.layer_types(), _layer_types),
     ("drafter.head.type", "drafter", lambda v: v.drafter.head.type,
-     lambda c: MISSING if "use_ordered_embeddings" not in c else ("centroid" if c["use_ordered_embeddings"] else "dense")),
-    ("drafter.head.clusters", "drafter", lambda v: v.drafter.head.clusters or MISSING, lambda c: _get(c, "num_centroids")),
+     lambda c: MISSING if "use_ordered_embeddings" not in c else ("centroid" if c["use_ordered_embeddings"]
+                                                                  else "dense")),
+    ("drafter.head.clusters", "drafter", lambda v: v.drafter.head.clusters or MISSING,
+     lambda c: _get(c, "num_centroids")),
     _draft_row("drafter.context", "max_position_embeddings", lambda v: v.drafter.context or MISSING),
 )
 
@@ -194,8 +198,9 @@ def check_config(config: Mapping[str, Any], role: str, source: str | None = None
     v = variant_for_config(config, role, source, registry)
     problems = config_mismatches(v, role, config) if v is not None else []
     if problems:
-        raise GgufMtpError(f"config.json does not match the registry's {v.name} {role} ({v.hf.target if role == 'target' else v.hf.drafter}): "
+        raise GgufMtpError(f"config.json does not match the registry's {v.name} {role} ({getattr(v.hf, role)}): "
                            + "; ".join(map(str, problems)))
     return v
 
 
+__all__ = ["CONFIG_CHECKS", "ConfigMismatch", "check_config", "config_mismatches", "variant_for_config"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.projector import PROJECTOR_FAMILIES
 from gguf import GGUFReader
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -71,6 +72,6 @@ def test_export_matches_golden(case, exports):
     check_golden(summarize(exports.get(family, role, centroids=centroids)), case)
 
 
-@pytest.mark.parametrize("family", ["tiny-e", "tiny-unified"])  # fixtures.projector.PROJECTOR_FAMILIES
+@pytest.mark.parametrize("family", PROJECTOR_FAMILIES)
 def test_projector_matches_golden(projectors, family):
     check_golden(summarize(projectors.get(family=family)), f"{family}-projector")

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fixtures.projector import PROJECTOR_FAMILIES
 from test_export import copy_checkpoint, edit_json, gguf, no_leftovers, rewrite_weights
 from test_unified_media import png, random_image
 from upstream import converter_tree, read_gguf, run_converter
 
 from gguf_mtp import pairing
 from gguf_mtp.cli import main
-from fixtures.projector import PROJECTOR_FAMILIES
-
 from gguf_mtp.export.audio import AUDIO
 from gguf_mtp.export.projector import GLOBAL, LAYER, NO_AUDIO
 from gguf_mtp.export.safetensors import SafetensorsReader
@@ -310,14 +309,14 @@ def transformers_image_embeddings(model, image: np.ndarray, patch: int) -> np.nd
     compares the two towers on the same pixels, not on what the processor would produce."""
     import torch
 
+    from gguf_mtp.transformers_reference import image_inputs
+
     h, w, _ = image.shape
     pixels = image.astype(np.float32).transpose(2, 0, 1) / 255.0
-    rows, cols = h // patch, w // patch
-    patches = pixels.reshape(3, rows, patch, cols, patch).transpose(1, 3, 2, 4, 0).reshape(rows * cols, -1)
-    gx, gy = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")
-    positions = np.stack([gx, gy], axis=-1).reshape(-1, 2)
+    patches, positions, _ = image_inputs({"patch_size": patch, "pooling_kernel_size": VISION["pool"]}, h, w,
+                                         image=pixels)
     with torch.no_grad():
-        out = model.model.get_image_features(torch.from_numpy(patches)[None], torch.from_numpy(positions)[None].long())
+        out = model.model.get_image_features(patches, positions)
     return out.pooler_output[0].float().numpy()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fixtures.unified import UNIFIED
 from gguf import GGUFReader, GGUFValueType
 
 from gguf_mtp import keys
@@ -26,7 +27,6 @@ from gguf_mtp.export import convert, describe
 from gguf_mtp.export.safetensors import SafetensorsReader
 from gguf_mtp.export.source import KINDS
 
-UNIFIED = "tiny-unified"
 EMBEDDERS = KINDS["Gemma4UnifiedForConditionalGeneration"].skip_prefixes
 
 
@@ -152,8 +152,8 @@ def test_config_defaults_are_gemma4_unified_texts(export_src, tmp_path):
 
 
 def test_a_released_config_that_contradicts_the_registry_is_refused_before_writing(tmp_path):
-    """The exporter asks the registry (registry.check_config) as it locates a checkpoint: a 12B-shaped config.json
-    stating a confirmed fact otherwise is one error line naming the fact, and nothing is written."""
+    """The exporter asks the registry (registry_config.check_config) as it locates a checkpoint: a 12B-shaped
+    config.json stating a confirmed fact otherwise is one error line naming the fact, and nothing is written."""
     from test_registry import released_12b_config
 
     target, _ = released_12b_config()
@@ -228,6 +228,13 @@ def test_suppress_tokens_are_never_generated(unified_engines, unified_ggufs, exp
         assert not set(ref) & set(banned) and ref != free
         assert not set(mtp.tokens) & set(banned) and mtp.stats.proposed > 0
         assert_greedy_equivalent(banned_eng, prompt, mtp.tokens, ref)
+    from gguf_mtp.runtime.batch_engine import BatchEngine, Part
+
+    with BatchEngine.load(target, unified_ggufs["drafter"], n_seq=2) as batch:  # served / batched decoding
+        parts = [Part(0, prompt), Part(1, prompt[:-2])]
+        batch.decode(parts)
+        rows = batch.logits(0, len(prompt) + len(prompt) - 2)
+        assert np.isneginf(rows[:, banned]).all() and np.isfinite(np.delete(rows, banned, axis=1)).all()
 
 
 # --- against transformers (marker reference) ------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fixtures.unified import UNIFIED
+from gguf import GGMLQuantizationType as Q
 from test_export import copy_checkpoint, edit_json, gguf, no_leftovers, rewrite_weights
 from test_export_projector import audio_names, media_embeddings
 
@@ -20,7 +22,6 @@ from gguf_mtp.cli import main
 from gguf_mtp.export.projector import describe_projector, expected_projector_tensors, ProjectorHparams
 from gguf_mtp.export.safetensors import SafetensorsReader
 
-UNIFIED = "tiny-unified"
 EMBEDDER = {"width": 48, "patch": 16, "pool": 3, "positions": 1120, "frame": 640, "text_hidden": 64}
 
 
@@ -132,19 +133,13 @@ def test_unified_types_follow_upstream_rules(projectors, outtype, patch, proj, a
 @pytest.mark.parametrize("family", ["tiny-e", UNIFIED])
 def test_expected_tensors_are_what_is_written(projectors, export_src, family, audio):
     hp = describe_projector(target(export_src, family), audio).hparams
-    want = [(e.name, tuple(reversed(e.shape)), e.type.name) for e in expected_projector_tensors(hp, _q("F16"))
+    want = [(e.name, tuple(reversed(e.shape)), e.type.name) for e in expected_projector_tensors(hp, Q.F16)
             if not (e.row.optional and e.name.endswith("out_scale.weight"))]  # tiny-e has no layer scalars
     _, tensors = gguf(projectors.get("f16", family, audio))
     got = [(n, tuple(int(d) for d in t.shape), t.tensor_type.name) for n, t in tensors.items()]
     assert got == want
-    audio_only = expected_projector_tensors(ProjectorHparams(audio=hp.audio), _q("F16")) if audio else []
+    audio_only = expected_projector_tensors(ProjectorHparams(audio=hp.audio), Q.F16) if audio else []
     assert {e.name for e in audio_only} == {n for n in tensors if n.startswith(("a.", "mm.a."))}
-
-
-def _q(name: str):
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType[name]
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------------

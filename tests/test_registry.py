@@ -11,20 +11,17 @@ import pytest
 
 from gguf_mtp.errors import GgufMtpError
 from gguf_mtp.registry import (
-    CONFIG_CHECKS,
     ENV_MODELS,
     SCHEMA,
     LayerPattern,
     Registry,
     RegistryError,
     Variant,
-    check_config,
-    config_mismatches,
     get_variant,
     load_registry,
     name_key,
-    variant_for_config,
 )
+from gguf_mtp.registry_config import CONFIG_CHECKS, check_config, config_mismatches, variant_for_config
 
 MODELS_JSON = Path(__file__).resolve().parent.parent / "models.json"
 VARIANTS = ["E2B", "E4B", "12B", "26B-A4B", "31B"]
@@ -204,8 +201,9 @@ def test_released_configs_pass_and_are_found(reg: Registry) -> None:
     # so the values above that differ from the registry's are not refused
     assert check_config(target, "target", registry=reg).name == "12B"
     assert check_config(drafter, "drafter", "google/gemma-4-12B-it-assistant", reg).name == "12B"
-    assert variant_for_config({"architectures": ["Gemma4ForConditionalGeneration"],
-                               "text_config": {"hidden_size": 64, "num_hidden_layers": 4}}, "target", registry=reg) is None
+    tiny = {"architectures": ["Gemma4ForConditionalGeneration"],
+            "text_config": {"hidden_size": 64, "num_hidden_layers": 4}}
+    assert variant_for_config(tiny, "target", registry=reg) is None
 
 
 @pytest.mark.parametrize(("role", "edit", "path"), [

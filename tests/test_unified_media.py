@@ -14,8 +14,8 @@ import io
 
 import numpy as np
 import pytest
+from fixtures.unified import UNIFIED
 
-UNIFIED = "tiny-unified"
 SIZES = ((480, 336), (336, 480), (672, 240))  # (width, height): 10x7, 7x10, 14x5 patches of 48: 70 soft tokens
 # relative L2 distance of libmtmd's image embeddings from transformers' (bound, by the projector's outtype).
 # Measured (3 sizes): f32 <= 4.4e-7 (float error), f16 <= 3.9e-4 (F16 patch and projection matrices).

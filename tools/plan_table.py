@@ -147,7 +147,11 @@ def markdown(table: list[dict], parallel: list[dict], vram: str, margin: str, ma
             "layer split (`-sm layer -ts`, whole-layer proportions, the output layer counted on the last device), "
             "rpc-servers first so the last layers, the output layer, the drafter (`-devd`: it reads the KV of the "
             "target's last layers) and the projector (`-mmdev`) stay on the local GPU. Each device keeps the margin "
-            "free. Per-device compute buffers of a split are an estimate, not yet checked against llama.cpp.",
+            "free. `--vram 0 --rpc A=SIZE --rpc B=SIZE`: a client with no GPU of its own (a laptop driving a GPU "
+            "box): every layer, the drafter and the output layer on the servers. The plan's per-device weights, KV "
+            "and compute buffers are checked against llama.cpp's own per-device allocation over two loopback "
+            "rpc-servers (tests/test_rpc.py: weights and KV within 0.5%, compute within 10%), and a plan file with "
+            "devices runs as planned (`generate --plan`).",
             "",
             "| setup | variant | layers per device | drafter on | KV cache | max context | per device | host RAM |",
             "|---|---|---|---|---|---:|---|---:|",

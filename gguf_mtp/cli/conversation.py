@@ -148,8 +148,11 @@ class _Repl:
         _chat_turn(self.session, text, media, self.hide_thoughts)
 
     def attach(self, kind: str, path: str) -> None:
-        """Read an image or audio file (``kind``) for the next message, replacing one of the same kind."""
-        reader, needs = READERS[kind]
+        """Read an image or audio file (``kind``: a ``ChatSession.send`` keyword) for the next message, replacing
+        one of the same kind."""
+        from ..runtime.chat import ATTACHMENTS
+
+        _, reader, needs = ATTACHMENTS[kind]
         if self.projector is None:
             raise GgufMtpError(f"/{kind} needs {needs}: restart with --mmproj FILE")
         # the projector refuses a kind it has no encoder for; no shell expanded ~ here
@@ -162,10 +165,6 @@ class _Repl:
     def close(self) -> None:
         for item in self.pending.values():
             item.close()
-
-
-# what /image and /audio (and --image, --audio) attach -> (the Projector's reader, what it needs)
-READERS = {"image": ("load_image", "a vision projector"), "audio": ("load_audio", "a projector with audio")}
 
 
 def _reset(repl: _Repl, arg: str) -> None:
@@ -289,7 +288,7 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
       printf 'hi\\n/stats\\n' | gguf-mtp chat --target t.gguf --drafter d.gguf -n 64
     """
     from ..pairing import facts_from_gguf, require_compatible
-    from ..runtime.chat import ChatSession
+    from ..runtime.chat import ATTACHMENTS, ChatSession
     from ..runtime.engine import Engine
     from ..runtime.multimodal import Projector
     from ..runtime.sampling import SamplingParams
@@ -298,7 +297,7 @@ def chat_cmd(target, drafter, mmproj, system, think, hide_thoughts, image_path, 
     first = {kind: path for kind, path in (("image", image_path), ("audio", audio_path)) if path is not None}
     for kind, path in first.items():
         if mmproj is None:
-            raise GgufMtpError(f"--{kind} needs {READERS[kind][1]}: add --mmproj FILE")
+            raise GgufMtpError(f"--{kind} needs {ATTACHMENTS[kind][2]}: add --mmproj FILE")
         if not Path(path).is_file():
             raise GgufMtpError(f"{kind} {path} does not exist")
     settings = runtime_settings(**runtime, draft=draft)

@@ -34,8 +34,8 @@ def runtime_build_cmd(cuda: bool, cuda_arch: str | None, jobs: int | None, force
     The sdist is downloaded once; the build directory and the wheels live in the cache ($GGUF_MTP_CACHE, default
     ~/.cache/gguf-mtp), so a changed patch recompiles only what it touches and an unchanged build reinstalls the
     cached wheel. A cached wheel is reused only for the same patch series, CMake arguments (CMAKE_ARGS, CUDA
-    architectures, --portable, --no-rpc), compiler and, for a native build, the same CPU features. The compiler's output goes
-    to the cache's log; the terminal shows one progress line. Before gguf-mtp is installed, python3
+    architectures, --portable, --no-rpc), compiler and, for a native build, the same CPU features. The compiler's
+    output goes to the cache's log; the terminal shows one progress line. Before gguf-mtp is installed, python3
     tools/build_runtime.py does the same.
 
     \b

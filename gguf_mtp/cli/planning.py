@@ -17,7 +17,8 @@ from .common import emit, human_size, print_json, print_table
 @click.option("--target", type=click.Path(dir_okay=False), help="Target GGUF (gemma4).")
 @click.option("--drafter", type=click.Path(dir_okay=False), help="MTP drafter GGUF (gemma4-assistant).")
 @click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision projector GGUF (clip).")
-@click.option("--variant", metavar="NAME", help="Plan a registry variant before download (E2B, E4B, 12B, 26B-A4B, 31B).")
+@click.option("--variant", metavar="NAME",
+              help="Plan a registry variant before download (E2B, E4B, 12B, 26B-A4B, 31B).")
 @click.option("--quant", metavar="TYPE", help="--variant: target quant (default: the registry's recommendation).")
 @click.option("--drafter-quant", metavar="TYPE", help="--variant: drafter quant (default: the registry's).")
 @click.option("--no-drafter", is_flag=True, help="--variant: plan the target without its MTP drafter.")
@@ -117,7 +118,7 @@ def _devices(planner: Any, vram: str, gpus: tuple[str, ...], rpcs: tuple[str, ..
         if not host or not port.isdigit() or not size:
             raise GgufMtpError(f"--rpc: expected HOST:PORT=SIZE (192.168.1.20:50052=24GiB), got {r!r}")
         remote.append((endpoint, planner.parse_size(size)))
-    if len(sizes) + len(remote) < 2 and not remote:
+    if not remote and len(sizes) < 2:
         return ()  # one local GPU: the plan as before
     return planner.devices_from(sizes, remote)
 

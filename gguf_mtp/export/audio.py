@@ -136,12 +136,7 @@ class AudioHparams:
         return {"clipped"} if self.clipped else set()
 
     def keys(self) -> md.Metadata:
-        A = Keys.ClipAudio
-        m = _audio_basics(self.text_hidden, self.n_embd, FEED_FORWARD_FACTOR * self.n_embd, self.n_layer, self.n_head)
-        m.string(A.PROJECTOR_TYPE, AUDIO.projector_type)
-        m.u32(A.NUM_MEL_BINS, self.n_mel)
-        m.f32(A.Attention.LAYERNORM_EPS, self.eps)
-        return m
+        return _audio_keys(self, FEED_FORWARD_FACTOR * self.n_embd, self.n_layer, self.n_head, self.n_mel)
 
 
 @dataclass(frozen=True)
@@ -159,23 +154,23 @@ class UnifiedAudioHparams:
         return set()
 
     def keys(self) -> md.Metadata:
-        A = Keys.ClipAudio
-        m = _audio_basics(self.text_hidden, self.n_embd, 0, 0, 0)  # transformer-less: upstream writes 0s too
-        m.string(A.PROJECTOR_TYPE, UNIFIED_AUDIO.projector_type)
-        m.u32(A.NUM_MEL_BINS, UNIFIED_MEL_BINS)
-        m.f32(A.Attention.LAYERNORM_EPS, self.eps)
-        return m
+        return _audio_keys(self, 0, 0, 0, UNIFIED_MEL_BINS)  # transformer-less: upstream writes 0s too
 
 
-def _audio_basics(text_hidden: int, n_embd: int, n_ff: int, n_layer: int, n_head: int) -> md.Metadata:
-    """The keys MmprojModel writes for every audio encoder, in its order."""
+def _audio_keys(hp: AudioHparams | UnifiedAudioHparams, n_ff: int, n_layer: int, n_head: int,
+                n_mel: int) -> md.Metadata:
+    """An audio part's clip.* keys in upstream's order: MmprojModel's for every audio encoder, then the Gemma 4
+    models' projector type, mel bins and epsilon."""
     A, m = Keys.ClipAudio, md.Metadata()
     m.bool(Keys.Clip.HAS_AUDIO_ENCODER, True)
-    m.u32(A.PROJECTION_DIM, text_hidden)
-    m.u32(A.EMBEDDING_LENGTH, n_embd)
+    m.u32(A.PROJECTION_DIM, hp.text_hidden)
+    m.u32(A.EMBEDDING_LENGTH, hp.n_embd)
     m.u32(A.FEED_FORWARD_LENGTH, n_ff)
     m.u32(A.BLOCK_COUNT, n_layer)
     m.u32(A.Attention.HEAD_COUNT, n_head)
+    m.string(A.PROJECTOR_TYPE, hp.TOWER.projector_type)
+    m.u32(A.NUM_MEL_BINS, n_mel)
+    m.f32(A.Attention.LAYERNORM_EPS, hp.eps)
     return m
 
 

@@ -327,14 +327,6 @@ class ProjectorHparams:
     def parts(self) -> list[PartHparams]:
         return [p for p in (self.vision, self.audio) if p is not None]
 
-    @property
-    def text_hidden(self) -> int:
-        return self.parts()[0].text_hidden
-
-
-def _as_projector(hp: ProjectorHparams | VisionHparams | UnifiedVisionHparams) -> ProjectorHparams:
-    return hp if isinstance(hp, ProjectorHparams) else ProjectorHparams(vision=hp)
-
 
 def projector_hparams(s: Source, audio: bool = True) -> ProjectorHparams:
     """The parts a projector export of ``s`` writes, each checked for llama.cpp (``audio``: keep the audio part)."""
@@ -367,12 +359,11 @@ class DescribedProjector:
         return pairing.facts_from_metadata(self.metadata.plain(), None)
 
 
-def projector_file_keys(hp: ProjectorHparams | VisionHparams | UnifiedVisionHparams, name: str, source: str,
-                        revision: str | None) -> md.Metadata:
+def projector_file_keys(hp: ProjectorHparams, name: str, source: str, revision: str | None) -> md.Metadata:
     """Every key of a projector file, in the order written (file type F32 until the tensors are known)."""
     meta = md.general_keys(keys.ARCH_PROJECTOR, name, FILE_TYPES[Q.F32])
     meta.string(Keys.General.TYPE, "mmproj")
-    for part in _as_projector(hp).parts():
+    for part in hp.parts():
         meta.update(part.keys())
     meta.update(md.provenance_keys(source, revision, "projector"))
     return meta
@@ -386,25 +377,21 @@ def describe_projector(src: str | os.PathLike | Source, audio: bool = True) -> D
 
 
 # --- tensors -----------------------------------------------------------------------------------------------------
-def expected_projector_tensors(hp: ProjectorHparams | VisionHparams | UnifiedVisionHparams,
-                               outtype: Q) -> list[Expected]:
+def expected_projector_tensors(hp: ProjectorHparams, outtype: Q) -> list[Expected]:
     """Every tensor of a projector file, in the order written (vision part, then audio part), from the
     hyper-parameters alone (optional rows included: a checkpoint may lack them). What a conversion writes, and what
     skeletons and parameter counts are made of; ``ProjectorHparams(audio=...)`` alone gives the audio part's."""
-    return [e for part in _as_projector(hp).parts() for e in expected_part(part, outtype)]
+    return [e for part in hp.parts() for e in expected_part(part, outtype)]
 
 
-def _leftover_reason(hp: ProjectorHparams, audio: bool):
+def _leftover_reason(audio: bool):
     """Why a checkpoint tensor is not written: another file's (the text model), or the audio part left out
     (``audio`` off). Any other media tensor no written row names is an error (an audio tower without an
     audio_config, a stray tensor in a tower: it would change what the part computes)."""
-    written = tuple(p for part in hp.parts() for p in part.TOWER.prefixes)
     media = tuple(p for tower in ALL_TOWERS for p in tower.prefixes)
     left_out = tuple(p for tower in ALL_TOWERS if tower.part == "audio" for p in tower.prefixes)
 
     def reason(name: str) -> str | None:
-        if name.startswith(written):
-            return None
         if not audio and name.startswith(left_out):
             return NO_AUDIO
         return None if name.startswith(media) else "the text model (the target GGUF holds it)"
@@ -444,7 +431,7 @@ def convert_projector(
             plans, names = plan_part(reader, part, qtype, f"{part.TOWER.part}_config")
             tensors += plans
             used |= names
-        ignored = count_leftovers(reader, used, _leftover_reason(hp, audio), "the vision / audio parts config.json describes")
+        ignored = count_leftovers(reader, used, _leftover_reason(audio), "the vision / audio parts config.json describes")
         meta = described.metadata
         meta.finish(FILE_TYPES[qtype], size_label(tensors))
         n_bytes = write_gguf(out, meta, tensors, force=force, progress=progress)

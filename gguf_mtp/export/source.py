@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import registry
+from ..registry_config import check_config
 from ..errors import GgufMtpError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -204,5 +204,5 @@ def locate(src: str | os.PathLike) -> Source:
     config = read_config(path)
     arch, kind = detect(config, path)
     # a released variant's config.json must agree with what the registry is certain of (tiny/foreign: unchecked)
-    registry.check_config(config, kind.role, source=source)
+    check_config(config, kind.role, source=source)
     return Source(path, config, arch, kind, source, revision)

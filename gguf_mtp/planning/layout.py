@@ -21,7 +21,7 @@ from ..errors import GgufMtpError
 from ..export import metadata as md
 from ..export import projector
 from ..export.hparams import ASSISTANT_DEFAULTS, DrafterHparams, TextHparams
-from ..export.audio import AUDIO_DEFAULTS, AudioHparams, UnifiedAudioHparams
+from ..export.audio import AUDIO_DEFAULTS, UNIFIED_AUDIO_DEFAULTS, AudioHparams, UnifiedAudioHparams
 from ..export.projector import (IMAGE_DEFAULTS, UNIFIED_VISION_DEFAULTS, VISION_DEFAULTS, ProjectorHparams,
                                 UnifiedVisionHparams, VisionHparams)
 from ..export.tables import FILE_TYPES
@@ -117,9 +117,9 @@ def audio_hparams(v: Variant) -> AudioHparams:
     if a is None:
         raise GgufMtpError(f"{v.name} has no audio tower")
     ch = c["subsampling_conv_channels"]
-    return AudioHparams(n_embd=a.width, n_layer=a.layers, n_head=a.heads, n_out=a.output_dim, n_mel=c["input_feat_size"],
-                        channels=(ch[0], ch[1]), kernel=c["conv_kernel_size"], clipped=c["use_clipped_linears"],
-                        eps=c["rms_norm_eps"], text_hidden=v.text.hidden)
+    return AudioHparams(n_embd=a.width, n_layer=a.layers, n_head=a.heads, n_out=a.output_dim,
+                        n_mel=c["input_feat_size"], channels=(ch[0], ch[1]), kernel=c["conv_kernel_size"],
+                        clipped=c["use_clipped_linears"], eps=c["rms_norm_eps"], text_hidden=v.text.hidden)
 
 
 def projector_hparams(v: Variant, audio: bool = True) -> ProjectorHparams:
@@ -134,7 +134,7 @@ def projector_hparams(v: Variant, audio: bool = True) -> ProjectorHparams:
             image_mean=list(IMAGE_DEFAULTS["image_mean"]), image_std=list(IMAGE_DEFAULTS["image_std"]))
     sound: AudioHparams | UnifiedAudioHparams | None = audio_hparams(v) if v.audio is not None and audio else None
     if e is not None and e.audio is not None and audio:
-        sound = UnifiedAudioHparams(n_embd=e.audio.samples_per_token, eps=UNIFIED_VISION_DEFAULTS["rms_norm_eps"],
+        sound = UnifiedAudioHparams(n_embd=e.audio.samples_per_token, eps=UNIFIED_AUDIO_DEFAULTS["rms_norm_eps"],
                                     text_hidden=v.text.hidden)
     if vision is None:  # upstream's converter and clip.cpp pair a projector with its target through the vision part
         raise GgufMtpError(f"{v.name} has no vision part: no projector file")

@@ -27,6 +27,8 @@ from typing import Any
 
 from .. import keys
 from ..errors import GgufMtpError
+from ..export.audio import AUDIO, UNIFIED_AUDIO
+from ..export.projector import UNIFIED_VISION
 from ..keys import Keys
 from ..settings import RuntimeSettings
 from . import memory
@@ -332,7 +334,7 @@ def _frame_embedder_compute(m: ModelFile, frames: int) -> int:
     return 3 * memory.F32 * frames * a + 2 * memory.F32 * frames * t
 
 
-AUDIO_COMPUTE = {"gemma4a": _conformer_compute, "gemma4ua": _frame_embedder_compute}
+AUDIO_COMPUTE = {AUDIO.projector_type: _conformer_compute, UNIFIED_AUDIO.projector_type: _frame_embedder_compute}
 
 
 def projector_compute(m: ModelFile, image_tokens: int, flash_attn: bool) -> int:
@@ -343,7 +345,7 @@ def projector_compute(m: ModelFile, image_tokens: int, flash_attn: bool) -> int:
     w = int(m.meta.get(V.EMBEDDING_LENGTH, 0))
     patch = int(m.meta.get(V.PATCH_SIZE, 16))
     pool = int(m.meta.get(V.Projector.SCALE_FACTOR, 3) or 3)
-    if m.meta.get(V.PROJECTOR_TYPE) == "gemma4uv":
+    if m.meta.get(V.PROJECTOR_TYPE) == UNIFIED_VISION.projector_type:
         image = _embedder_compute(w, patch, pool, image_tokens, int(m.meta.get(V.PROJECTION_DIM, w)))
     else:
         image = _vit_compute(w, int(m.meta.get(V.FEED_FORWARD_LENGTH, 0)), int(m.meta.get(V.Attention.HEAD_COUNT, 1)),

@@ -228,8 +228,6 @@ def model_buffers(path: str | os.PathLike, n_gpu_layers: int = -1) -> dict[str, 
     return {k: v["model"] for k, v in m.target.breakdown.items() if v["model"]}
 
 
-
-
 # --- the projector (libmtmd) ------------------------------------------------------------------------
 
 class _DevNode(ctypes.Structure):

@@ -22,8 +22,8 @@ from ..errors import GgufMtpError
 from ..settings import RuntimeSettings
 from . import memory
 from .memory import GiB, fmt_size, parse_size
-from .placement import (CPU, GPU, IMAGE_MAX_TOKENS, Breakdown, Files, ModelFile, breakdown, files_from_paths, quantized_kv,
-                        split_device, split_points, tensor_slot)
+from .placement import (CPU, GPU, IMAGE_MAX_TOKENS, Breakdown, Files, ModelFile, breakdown, files_from_paths,
+                        quantized_kv, split_device, split_points, tensor_slot)
 
 DEFAULT_VRAM = 24 * GiB
 DEFAULT_MARGIN = 1 * GiB
@@ -286,9 +286,11 @@ def plan(req: Request) -> Plan:
     base = req.base.replace(flash_attn=req.flash_attn)
     if not req.kv_type:
         base = base.replace(cache_type_k="f16", cache_type_v="f16")
+    # "auto" turns flash attention on for a quantized cache, in the plans that fit and in the closest miss alike
+    flash = lambda kv: "on" if quantized_kv(kv) and req.flash_attn == "auto" else req.flash_attn  # noqa: E731
     best: Plan | None = None
     for kv in kv_types:
-        fa = "on" if quantized_kv(kv) and req.flash_attn == "auto" else req.flash_attn
+        fa = flash(kv)
         if quantized_kv(kv) and fa == "off":
             continue  # llama.cpp refuses a quantized V cache without flash attention
         s0 = base.replace(cache_type_k=kv, cache_type_v=kv, flash_attn=fa)
@@ -313,9 +315,9 @@ def plan(req: Request) -> Plan:
         return best
     # nothing fits: report the configuration that misses by the least, at the floor context
     kv = kv_types[-1]
-    fa = "on" if quantized_kv(kv) and req.flash_attn == "auto" else req.flash_attn
     least: Plan | None = None
-    for s, step in _placements(files, base.replace(n_ctx=floor, cache_type_k=kv, cache_type_v=kv, flash_attn=fa)):
+    for s, step in _placements(files, base.replace(n_ctx=floor, cache_type_k=kv, cache_type_v=kv,
+                                                   flash_attn=flash(kv))):
         if req.devices:  # short of the whole: the layers in proportion to the devices' memory
             s = _with_split(s, [d.name for d in req.devices], [d.vram for d in req.devices])
             s = _rpc(s.replace(tensor_split=[float(d.vram // memory.MiB) for d in req.devices]), req)
@@ -402,9 +404,7 @@ def files_from_variant(variant: str, quant: str | None = None, drafter_quant: st
     quant = (quant or v.recommended.target_quant).upper()
     dq = (drafter_quant or v.recommended.drafter_quant).upper()
     names = variant_file_names(v.name, quant, dq)
-    if vision and not (v.has_vision or v.has_audio):
-        raise GgufMtpError(f"{v.name} has no vision or audio part (no projector file)")
-    return Files(
+    return Files(  # a variant without a vision part has no projector file: layout_for says so
         ModelFile.from_layout(layout_for(v.name, "target", quant), "target", names["target"]),
         ModelFile.from_layout(layout_for(v.name, "drafter", dq), "drafter", names["drafter"]) if drafter else None,
         ModelFile.from_layout(layout_for(v.name, "mmproj"), "mmproj", names["mmproj"]) if vision else None,

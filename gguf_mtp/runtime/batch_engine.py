@@ -5,7 +5,7 @@ edits of every sequence: ``tokens[s]`` is what sequence s holds (position i = ``
 drops positions of one sequence only (``llama_memory_seq_rm`` on that sequence), ``reuse_prefix`` keeps a
 sequence's longest prefix shared with a new prompt. ``decode`` appends rows of several sequences in ONE target
 ``llama_decode`` (a verify round: every sequence's [y, d1..dk]; or prompt chunks); ``draft`` runs one drafter
-step for several sequences in ONE drafter ``llama_decode``. With a vision projector (``load(mmproj=)`` or
+step for several sequences in ONE drafter ``llama_decode``. With a projector (``load(mmproj=)`` or
 ``load_projector``), ``decode_span`` decodes one image or audio chunk of a ``MediaPrompt`` into one sequence
 (libmtmd's own decode, alone in its batch); its positions hold the identity id, so prefix reuse keeps media like text.
 
@@ -65,7 +65,7 @@ class BatchEngine:
         self.n_seq = engine.n_seq
         self.slot_ctx = engine.n_ctx // self.n_seq
         self.n_ubatch = int(llama.llama_n_ubatch(engine.ctx))
-        self.projector: Projector | None = None  # the vision projector (load_projector), closed with the engine
+        self.projector: Projector | None = None  # images and audio (load_projector), closed with the engine
         self.tokens: list[list[int]] = [[] for _ in range(self.n_seq)]
         self._batch = Batch(engine.n_batch)
         self._out_row = np.zeros(engine.n_batch, dtype=np.int64)  # batch row -> its row among the outputs
@@ -76,7 +76,7 @@ class BatchEngine:
              *, n_seq: int, k_max: int | None = None, allow_no_drafter: bool = False,
              mmproj: str | Path | None = None) -> BatchEngine:
         """``Engine.load`` with contexts for ``n_seq`` sequences; ``settings.n_ctx`` is the whole KV pool.
-        ``mmproj``: a vision projector for the target (``load_projector``)."""
+        ``mmproj``: a projector for the target (``load_projector``)."""
         eng = cls(Engine.load(target, drafter, settings, k_max=k_max, allow_no_drafter=allow_no_drafter,
                               n_seq=n_seq))
         if mmproj is not None:
@@ -128,7 +128,7 @@ class BatchEngine:
 
     def shared_prefix(self, seq: int, prompt: Sequence[int], media: MediaPrompt | None = None) -> int:
         """How much of ``prompt`` sequence ``seq`` could reuse (choosing a slot; changes nothing); with ``media``,
-        never part of an image (``MediaPrompt.resumable``)."""
+        never part of an image or audio chunk (``MediaPrompt.resumable``)."""
         keep = reusable_prefix(self.tokens[seq], prompt)
         if media is not None:
             keep = media.resumable(keep)
@@ -197,8 +197,7 @@ class BatchEngine:
         first = int(self._out_row[row])
         if n < 1 or first < 0 or int(self._out_row[row + n - 1]) != first + n - 1:
             raise ValueError(f"rows {row}..{row + n - 1} were not all outputs of the last decode")
-        ptr = llama.llama_get_logits(self.engine.ctx)
-        return self.engine.suppress(np.ctypeslib.as_array(ptr, shape=(self._n_out, self.engine.n_vocab))[first:first + n])
+        return self.engine.logits(self._n_out)[first:first + n]
 
     def hidden(self, row: int) -> np.ndarray:
         """The target's hidden state at batch row ``row`` of the last decode (the drafter's input)."""

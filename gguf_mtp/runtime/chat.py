@@ -28,9 +28,10 @@ from .multimodal import Audio, Image, Media, MediaPrompt, Projector
 from .sampling import SamplingParams
 from .stats import Stats
 
-# what ``send`` takes, in the order the media go before the text: (type, Projector method reading a file, refusal)
-ATTACHMENTS = ((Image, "load_image", "an image needs a vision projector (--mmproj)"),
-               (Audio, "load_audio", "audio needs a projector with an audio encoder (--mmproj)"))
+# the media ``send`` takes, by keyword, in the order they go before the text (front ends attach by these names):
+# (type, Projector method reading a file, what the projector must be)
+ATTACHMENTS = {"image": (Image, "load_image", "a vision projector"),
+               "audio": (Audio, "load_audio", "a projector with audio")}
 STOP_TEXTS = ("<turn|>", "<eos>")  # Gemma 4 ends a reply with either (llama.cpp marks both end-of-generation)
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 
@@ -147,9 +148,9 @@ class ThoughtSplitter:
 class ChatSession:
     """A conversation with one engine (and optionally a projector for images and audio).
 
-    ``send(text, image=None, audio=None)`` yields ``Text`` pieces as they are generated, ``Notice``s, and a final ``Reply``.
-    ``stats`` is the turn in progress (updated every round: a front end can show it live), ``history`` the
-    Stats of every finished turn. ``reserve`` is the room kept for a reply when fitting the conversation into
+    ``send(text, image=None, audio=None)`` yields ``Text`` pieces as they are generated, ``Notice``s, and a final
+    ``Reply``. ``stats`` is the turn in progress (updated every round: a front end can show it live), ``history``
+    the Stats of every finished turn. ``reserve`` is the room kept for a reply when fitting the conversation into
     the context (default: ``max_tokens``, at most half the context).
     """
 
@@ -259,11 +260,12 @@ class ChatSession:
         """The turn's media, files read through the projector (on a failure, what was read is freed)."""
         out: list[Media] = []
         try:
-            for item, (kind, load, needs) in zip((image, audio), ATTACHMENTS):
+            for name, item in (("image", image), ("audio", audio)):
+                kind, load, needs = ATTACHMENTS[name]
                 if item is None:
                     continue
                 if self.projector is None:
-                    raise GgufMtpError(needs)
+                    raise GgufMtpError(f"{kind.what} needs {needs} (--mmproj)")
                 out.append(item if isinstance(item, kind) else getattr(self.projector, load)(item))
         except BaseException:
             for m in (*out, image, audio):  # the session owns what it was given, even when the turn fails
@@ -281,7 +283,8 @@ class ChatSession:
         session owns ``image`` and ``audio`` from here on (freed when their turn leaves the conversation).
         """
         if self.projector is not None and self.projector.marker in text:
-            raise GgufMtpError(f"the message contains {self.projector.marker!r}, which marks where images and audio clips go")
+            raise GgufMtpError(f"the message contains {self.projector.marker!r}, which marks where images and audio "
+                               f"clips go")
         turn = Turn(text, self._attach(image, audio))
         try:
             prompt, media, dropped = self._fit(turn)

@@ -53,8 +53,6 @@ class RpcError(GgufMtpError):
     """An RPC server is unreachable, refuses, or is not an rpc-server of this runtime."""
 
 
-
-
 def is_loopback(host: str) -> bool:
     """Does an address stay on this machine? (servers bind there unless told otherwise: no authentication)"""
     if host == "localhost":

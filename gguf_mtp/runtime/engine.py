@@ -243,7 +243,7 @@ class Engine:
 
     def record_decoded(self, token: int, n: int) -> None:
         """Note that a decode outside ``decode`` (the projector's) wrote n positions at n_past; ``token`` stands
-        for all of them (an image's identity id), so ``reuse_prefix`` can match them next turn."""
+        for all of them (an image's or audio clip's identity id), so ``reuse_prefix`` can match them next turn."""
         self.tokens.extend([int(token)] * n)
 
     def can_rewind_to(self, n: int) -> bool:
@@ -293,15 +293,15 @@ class Engine:
 
     def logits(self, n_rows: int) -> np.ndarray:
         """Logits of the last decode's output rows, shape (n_rows, n_vocab)."""
-        ptr = llama.llama_get_logits(self.ctx)
-        return self.suppress(np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)))
+        return self._logits(self.ctx, n_rows)
 
-    def suppress(self, rows: np.ndarray) -> np.ndarray:
-        """``rows`` (logits, in place) with the model's suppress tokens (``tokenizer.ggml.suppress_tokens``, the
-        12B's media placeholders) at -inf, as llama.cpp's common sampler biases them: no sampler, acceptance rule
-        or drafter ever picks one."""
+    def _logits(self, ctx: int, n_rows: int) -> np.ndarray:
+        """The output rows of ``ctx``'s last decode (a view, edited in place) with the model's suppress tokens
+        (``tokenizer.ggml.suppress_tokens``, the 12B's media placeholders) at -inf, as llama.cpp's common sampler
+        biases them: no sampler, acceptance rule or drafter ever picks one."""
+        rows = np.ctypeslib.as_array(llama.llama_get_logits(ctx), shape=(n_rows, self.n_vocab))
         if self.suppressed.size:
-            rows[..., self.suppressed] = -np.inf
+            rows[:, self.suppressed] = -np.inf
         return rows
 
     def hidden(self, row: int) -> np.ndarray:
@@ -329,7 +329,7 @@ class Engine:
         rc = llama.llama_decode(self.draft_ctx, b)
         if rc != 0:
             raise GgufMtpError(f"drafter decode failed (code {rc}) at position {pos}")
-        return self.suppress(np.ctypeslib.as_array(llama.llama_get_logits(self.draft_ctx), shape=(n, self.n_vocab)))
+        return self._logits(self.draft_ctx, n)
 
     def draft_hidden(self, row: int) -> np.ndarray:
         """The drafter's hidden state at row ``row`` of its last decode: the next step's input."""

@@ -112,7 +112,7 @@ def speculative_generate(
     round is a plain decoding step. ``stop_tokens`` end generation like end-of-generation tokens do;
     ``ignore_eog`` generates through them (benchmarks). When the generator finishes or is closed, the KV cache
     holds the prompt and every emitted token but the last, so a chat can continue from it (``reuse_prefix``).
-    ``media`` (multimodal.py) decodes a prompt holding images; ``prompt`` is then ``media.tokens``.
+    ``media`` (multimodal.py) decodes a prompt holding images or audio; ``prompt`` is then ``media.tokens``.
     ``grammar`` (GBNF) constrains every token the target chooses; the MTP drafter is steered by it, and drafts
     are cut at the first token it rejects (grammar.py), MTP stays on.
     """

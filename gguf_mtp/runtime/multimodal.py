@@ -147,8 +147,8 @@ class MediaSpan:
     start: int  # first position of the chunk's soft tokens in the prompt
     n_tokens: int
     chunk: int = field(repr=False)  # mtmd_input_chunk (owned by the prompt's chunk list)
+    what: str  # how messages name it (Image.what / Audio.what)
     media: Media | None = None
-    what: str = "an image"  # how messages name it ("an image" / "an audio clip")
 
 
 class Projector:
@@ -250,18 +250,23 @@ class Projector:
     def embeddings(self, m: Media) -> np.ndarray:
         """What the projector makes of ``m``: its soft-token embeddings in the target's input space, every chunk's
         in order, shape (n_tokens, n_embd) (evidence against transformers; decoding does not go through here)."""
-        mt = _mtmd()
         n_embd = int(llama.llama_model_n_embd_inp(self.engine.model))
         rows = []
         with self.tokenize(self.marker, [m]) as prompt:
             for s in prompt.spans:
-                with LLAMA_LOG.capture() as lines:
-                    if mt.mtmd_encode_chunk(self.ctx, s.chunk) != 0:
-                        raise GgufMtpError(f"the projector could not encode {m.source} "
-                                           f"({error_lines(lines) or 'no reason logged'})")
-                out = mt.mtmd_get_output_embd(self.ctx)
-                rows.append(np.ctypeslib.as_array(out, shape=(s.n_tokens * n_embd,)).reshape(s.n_tokens, n_embd).copy())
+                out = np.ctypeslib.as_array(self.encode(s), shape=(s.n_tokens * n_embd,))
+                rows.append(out.reshape(s.n_tokens, n_embd).copy())
         return np.concatenate(rows)
+
+    def encode(self, s: MediaSpan):
+        """Run the encoder over media chunk ``s``: its embeddings, as libmtmd's float pointer (libmtmd owns them
+        until the next encode)."""
+        mt = _mtmd()
+        with LLAMA_LOG.capture() as lines:
+            if mt.mtmd_encode_chunk(self.ctx, s.chunk) != 0:
+                raise GgufMtpError(f"the projector could not encode {s.media.source if s.media else s.what}"
+                                   f" ({error_lines(lines) or 'no reason logged'})")
+        return mt.mtmd_get_output_embd(self.ctx)
 
     # --- prompts --------------------------------------------------------------------------------------
     def tokenize(self, text: str, media: Sequence[Media]) -> MediaPrompt:
@@ -299,7 +304,7 @@ class Projector:
                 raise GgufMtpError(f"libmtmd made a media chunk of unknown type {kind}")
             sha = (mt.mtmd_input_chunk_get_id(chunk) or b"").decode()
             n_tok = int(mt.mtmd_input_chunk_get_n_tokens(chunk))
-            prompt.spans.append(MediaSpan(len(prompt.tokens), n_tok, chunk, by_sha.get(sha), what[kind]))
+            prompt.spans.append(MediaSpan(len(prompt.tokens), n_tok, chunk, what[kind], by_sha.get(sha)))
             prompt.tokens += [identity_id(sha)] * n_tok
         prompt.projector = self
         return prompt
@@ -400,15 +405,12 @@ class MediaPrompt:
         asks; ``problems`` says whether it fits one ubatch). The caller owns the KV bookkeeping: on failure it
         drops the cells the decode may have left, on success it records the positions (Engine / BatchEngine)."""
         mt = _mtmd()
-        ctx = self.projector.ctx
+        embd = self.projector.encode(s)
         with LLAMA_LOG.capture() as lines:
-            if mt.mtmd_encode_chunk(ctx, s.chunk) != 0:
-                raise GgufMtpError(f"the projector could not encode {s.media.source if s.media else s.what}"
-                                   f" ({error_lines(lines) or 'no reason logged'})")
             new_past = llama.llama_pos(0)
-            rc = mt.mtmd_helper_decode_image_chunk(ctx, lctx, s.chunk, mt.mtmd_get_output_embd(ctx), n_past, seq,
-                                                   n_batch, ctypes.byref(new_past),
-                                                   mt.mtmd_helper_post_decode_callback(), None)
+            rc = mt.mtmd_helper_decode_image_chunk(self.projector.ctx, lctx, s.chunk, embd, n_past, seq, n_batch,
+                                                   ctypes.byref(new_past), mt.mtmd_helper_post_decode_callback(),
+                                                   None)
         if rc != 0:
             raise GgufMtpError(f"target decode of {s.what} failed (code {rc}) at position {n_past}"
                                f" ({error_lines(lines) or 'no reason logged'})")

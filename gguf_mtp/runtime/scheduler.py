@@ -3,13 +3,13 @@
 Interface (what a server codes against)::
 
     engine = BatchEngine.load(target, drafter, settings, n_seq=4,   # settings.n_ctx: the KV pool of all slots
-                              mmproj=None)             # or a vision projector: engine.projector
+                              mmproj=None)             # or a projector (images, audio): engine.projector
     sched = Scheduler(engine, max_queue=64, prefill_chunk=256).start()   # starts the engine thread
     h = sched.submit(Request(prompt_tokens, max_tokens, SamplingParams(...), accept="exact",
                              draft="adaptive",         # or "off", or a fixed k
                              stop_tokens=frozenset(), ignore_eog=False,
-                             media=None,               # images: see below
-                             grammar=None), sink=None) # GBNF text: constrained decoding (grammar.py)   # images: media = engine.projector.tokenize(text, images),
+                             media=None,               # images and audio: see below
+                             grammar=None), sink=None) # GBNF text: constrained decoding (grammar.py)
     for event in h:      # blocks; Round per round, then one final Finished or Failed
         ...
     h.cancel()           # any thread, any time; the request ends with Finished("cancelled")
@@ -27,12 +27,12 @@ Interface (what a server codes against)::
 - The tokenizer (``engine.tokenize`` ...) is safe from any thread; llama.cpp's contexts are touched only by the
   engine thread (or by the caller of ``step``, which runs one iteration instead of ``start``: tests).
 - Images and audio: a ``Request`` with ``media`` (a ``multimodal.MediaPrompt`` from a projector loaded on this
-  engine's target, ``prompt`` = ``media.tokens``) has each image (or audio chunk) encoded and decoded into its own
-  sequence (libmtmd's decode, whole, between the text chunks), and MTP drafts after it as after text (the drafter reads the last
-  prompt row). Image positions hold the image's identity id, so a slot that holds an image is reused like text.
-  The caller keeps the MediaPrompt (and its images) open until the final event; ``media.encoded`` then says how
-  many image positions were encoded (0 when the slot's cache held them). Images: ``media =
-  engine.projector.tokenize(text, images)``, ``prompt_tokens = media.tokens``.
+  engine's target, ``prompt`` = ``media.tokens``) has each image or audio chunk encoded and decoded into its own
+  sequence (libmtmd's decode, whole, between the text chunks), and MTP drafts after it as after text (the drafter
+  reads the last prompt row). Media positions hold the image's or clip's identity id, so a slot that holds one is
+  reused like text. The caller keeps the MediaPrompt (and its images and clips) open until the final event;
+  ``media.encoded`` then says how many media positions were encoded (0 when the slot's cache held them). Build it
+  as ``media = engine.projector.tokenize(text, media_items)``, ``prompt_tokens = media.tokens``.
 - Grammars: a ``Request`` with ``grammar`` (GBNF) has every token chosen under its grammar state, as in the
   single-sequence loop (grammar.py): its drafts are steered by the grammar (each the drafter's best allowed
   token, the chain ends where the grammar is complete or allows nothing), drafts are cut at the first token the
@@ -42,11 +42,11 @@ Interface (what a server codes against)::
 Each iteration (``step``): cancellations are settled; waiting requests take free slots (the slot whose cache
 shares the longest prefix with the prompt: a conversation's next turn reads only its new part); prompts are
 read in chunks of ``prefill_chunk`` tokens while others generate, so a long prompt delays their rounds by one
-chunk at a time (an image, decoded whole, counts its positions against the chunk); then one round for every
-generating sequence: each drafter step for all of them in one drafter decode, every sequence's [y, d1..dk]
-verified in one target decode, acceptance and KV rollback per sequence, with the single-sequence loop's pieces
-(sampling.accept_drafts / pick, drafters.draft_token, loop.emit). Draft lengths: per request "off", a fixed k,
-or "adaptive" (adaptive.BatchAdaptiveK on the batch's measured costs).
+chunk at a time (an image or audio chunk, decoded whole, counts its positions against the chunk); then one round
+for every generating sequence: each drafter step for all of them in one drafter decode, every sequence's
+[y, d1..dk] verified in one target decode, acceptance and KV rollback per sequence, with the single-sequence
+loop's pieces (sampling.accept_drafts / pick, drafters.draft_token, loop.emit). Draft lengths: per request "off",
+a fixed k, or "adaptive" (adaptive.BatchAdaptiveK on the batch's measured costs).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Request:
     draft: str | int = "adaptive"  # off | adaptive | a fixed k (capped by the engine's k_max)
     stop_tokens: frozenset[int] = frozenset()
     ignore_eog: bool = False
-    media: MediaPrompt | None = None  # a prompt with images (engine.projector.tokenize); prompt = media.tokens
+    media: MediaPrompt | None = None  # a prompt with images/audio (engine.projector.tokenize); prompt = media.tokens
     grammar: str | None = None  # GBNF: constrained decoding (grammar.py)
 
     def problems(self, engine: BatchEngine) -> list[str]:
@@ -100,12 +100,13 @@ class Request:
         out = []
         if not len(self.prompt):
             out.append("prompt: expected at least one token, got none")
-        images = set()  # the identity ids a media prompt holds at its image positions
+        identities = set()  # the identity ids a media prompt holds at its media positions
         if self.media is not None:
             out += self._media_problems(engine)
-            images = {self.media.tokens[s.start] for s in self.media.spans}
+            identities = {self.media.tokens[s.start] for s in self.media.spans}
         n_vocab = engine.n_vocab
-        bad = [t for t in self.prompt if not (isinstance(t, int | np.integer) and (0 <= t < n_vocab or t in images))]
+        bad = [t for t in self.prompt
+               if not (isinstance(t, int | np.integer) and (0 <= t < n_vocab or t in identities))]
         if bad:
             out.append(f"prompt: expected token ids in 0..{n_vocab - 1}, got {bad[:3]!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -132,7 +133,7 @@ class Request:
             return ["media: expected a prompt from this engine's projector, got one from another engine's"]
         out = media.problems(engine.n_ubatch)
         if not out and list(self.prompt) != media.tokens:
-            out.append("prompt: expected media.tokens (text ids and the images' identity ids), got other tokens")
+            out.append("prompt: expected media.tokens (text ids and the media's identity ids), got other tokens")
         return out
 
 
@@ -408,9 +409,9 @@ class Scheduler:
 
     def _prefill(self) -> None:
         """The next prompt chunks, oldest request first, in one target decode: ``prefill_chunk`` tokens while
-        others generate (so their next round is not held up for long), a full batch when none does. An image
-        next in a prompt is decoded first, whole and alone (libmtmd's decode), and counts against the same
-        budget; a text chunk stops at the next image."""
+        others generate (so their next round is not held up for long), a full batch when none does. An image or
+        audio chunk next in a prompt is decoded first, whole and alone (libmtmd's decode), and counts against the
+        same budget; a text chunk stops at the next one."""
         reading = self._active(generating=False)
         if not reading:
             return
@@ -419,13 +420,13 @@ class Scheduler:
         for seq, s in reading:
             if budget <= 0:
                 break
-            image = self._next_image(seq, s)
-            if image is not None and image.start == self.engine.n_past(seq):
-                if not self._read_image(seq, s, image):
+            span = self._next_span(seq, s)
+            if span is not None and span.start == self.engine.n_past(seq):
+                if not self._read_span(seq, s, span):
                     continue
-                budget -= image.n_tokens
-                image = self._next_image(seq, s)
-            text = len(s.todo) if image is None else image.start - self.engine.n_past(seq)
+                budget -= span.n_tokens
+                span = self._next_span(seq, s)
+            text = len(s.todo) if span is None else span.start - self.engine.n_past(seq)
             take = min(text, budget)
             if take > 0:
                 work.append((seq, s, Part(seq, s.todo[:take], "last" if take == len(s.todo) else "none")))
@@ -444,20 +445,20 @@ class Scheduler:
             if not s.todo:
                 self._first_token(seq, s, p.start + len(p.tokens) - 1)
 
-    def _next_image(self, seq: int, s: _Seq) -> MediaSpan | None:
+    def _next_span(self, seq: int, s: _Seq) -> MediaSpan | None:
         media = s.request.media
         return media.span_at(self.engine.n_past(seq)) if media is not None else None
 
-    def _read_image(self, seq: int, s: _Seq, image: MediaSpan) -> bool:
+    def _read_span(self, seq: int, s: _Seq, span: MediaSpan) -> bool:
         """Decode the image or audio chunk that comes next in ``seq``'s prompt; False when that failed (the request
         failed)."""
         try:
-            self.engine.decode_span(seq, s.request.media, image)
+            self.engine.decode_span(seq, s.request.media, span)
         except GgufMtpError as e:
             self._fail(seq, str(e))
             return False
-        del s.todo[:image.n_tokens]
-        s.stats.prefill_tokens += image.n_tokens
+        del s.todo[:span.n_tokens]
+        s.stats.prefill_tokens += span.n_tokens
         return True
 
     def _first_token(self, seq: int, s: _Seq, row: int) -> None:

@@ -42,7 +42,7 @@ from .tools import CALL_OPEN, CallStream, Tools, call_grammar, check_vocabulary,
 
 log = logging.getLogger("gguf_mtp.serve")
 
-MAX_BODY = 32 << 20  # bytes of a request body (images come base64-encoded inside it)
+MAX_BODY = 32 << 20  # bytes of a request body (images and audio come base64-encoded inside it)
 FINISH = {"eog": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}  # scheduler -> OpenAI
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first (metrics only)
 PAGE_FILES = {"/": ("index.html", "text/html"), "/chat.css": ("chat.css", "text/css"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +43,11 @@ class Prompt:
 
 @dataclass(frozen=True)
 class MediaKind:
-    """How the server takes one kind of media part: what the projector must have, the projector's reader, and
-    the error codes when it has not or the bytes are bad."""
+    """How the server takes one kind of media part: what the projector must have, the part's file bytes, the
+    projector's reader, and the error codes when it has not or the bytes are bad."""
 
     encoder: str  # Projector attribute: vision | audio
+    data: Callable[[Part], bytes]  # the part's file bytes (a 400 naming the part when it holds none)
     reader: str  # Projector method: bytes -> Media
     missing: str  # the 400 when the projector lacks the encoder
     missing_code: str
@@ -53,10 +55,12 @@ class MediaKind:
 
 
 MEDIA_KINDS = {
-    "image": MediaKind("vision", "image_from_bytes", "this server has no vision projector (start it with --mmproj)",
+    "image": MediaKind("vision", lambda p: image_bytes(p.image_url, p.param), "image_from_bytes",
+                       "this server has no vision projector (start it with --mmproj)",
                        "images_not_supported", "invalid_image"),
-    "audio": MediaKind("audio", "audio_from_bytes", "this server has no projector with an audio encoder (start it "
-                       "with an --mmproj that has one)", "audio_not_supported", "invalid_audio"),
+    "audio": MediaKind("audio", lambda p: audio_bytes(p.audio, p.param), "audio_from_bytes",
+                       "this server has no projector with an audio encoder (start it with an --mmproj that has one)",
+                       "audio_not_supported", "invalid_audio"),
 }
 
 
@@ -151,7 +155,7 @@ def _render(engine: Any, messages: list[Message], contents: list[str], think: bo
 def _load(projector: Projector, p: Part) -> Media:
     """An image or audio part read through the projector; bytes it cannot read are a 400 naming the part."""
     kind = media_kind(p)
-    data = image_bytes(p.image_url, p.param) if p.image_url is not None else audio_bytes(p.audio, p.param)
+    data = kind.data(p)
     try:
         return getattr(projector, kind.reader)(data, p.param)
     except GgufMtpError as e:
