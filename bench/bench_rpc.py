@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -55,6 +54,7 @@ from docsection import write_section  # noqa: E402
 from rpc_latency import DelayProxy, echo_server, round_trip_ms  # noqa: E402
 
 from gguf_mtp.bench import BenchResult, ModeResult, run_bench  # noqa: E402
+from gguf_mtp.runtime import devices  # noqa: E402
 from gguf_mtp.runtime_build import rpc_server_path  # noqa: E402
 from gguf_mtp.settings import RuntimeSettings  # noqa: E402
 from gguf_mtp.tiny import speed_pair as sp  # noqa: E402
@@ -74,21 +74,7 @@ def start_servers(n: int, threads: int) -> list[tuple[subprocess.Popen, str]]:
     servers = []
     try:
         for _ in range(n):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            proc = subprocess.Popen([sys.executable, "-m", "gguf_mtp", "rpc-server", "--port", str(port), "--threads",
-                                     str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            servers.append((proc, f"127.0.0.1:{port}"))
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"rpc-server on port {port} did not start") from None
-                    time.sleep(0.2)
+            servers.append(devices.launch_local_server(threads))
         return servers
     except BaseException:
         stop_servers(servers)

@@ -49,22 +49,12 @@ def free_port() -> int:
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = tempfile.TemporaryFile()  # not a pipe: nobody drains it while the tests run, and a full pipe blocks
-    proc = subprocess.Popen([sys.executable, "-m", "gguf_mtp", "rpc-server", "--port", str(port), "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"rpc-server exited: {log.read().decode(errors='replace')}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("rpc-server did not listen within 30 s")
+    log = tempfile.TemporaryFile()
+    try:
+        return devices.launch_local_server(threads=1, stderr=log)
+    except devices.RpcError as e:
+        log.seek(0)
+        raise RuntimeError(f"{e}: {log.read().decode(errors='replace')}") from None
 
 
 def stop(proc: subprocess.Popen) -> None:

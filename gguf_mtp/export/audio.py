@@ -106,7 +106,7 @@ UNIFIED_AUDIO = Tower("audio", "gemma4ua", (
 ), (), ("model.embed_audio.",))
 
 
-def _subsampled(n: int) -> int:
+def subsampled(n: int) -> int:
     """Rows left after one 3x3, stride-2, padding-1 convolution."""
     return (n + 1) // 2
 
@@ -127,7 +127,7 @@ class AudioHparams:
 
     def dims(self) -> dict[str, int]:
         # the subsampled mel axis times the last conv's channels feed input_proj_linear (clip.cpp flattens them so)
-        sub = _subsampled(_subsampled(self.n_mel)) * self.channels[1]
+        sub = subsampled(subsampled(self.n_mel)) * self.channels[1]
         return {"E": self.n_embd, "E2": 2 * self.n_embd, "F": FEED_FORWARD_FACTOR * self.n_embd,
                 "hd": self.n_embd // self.n_head, "O": self.n_out, "T": self.text_hidden, "S": sub,
                 "c0": self.channels[0], "c1": self.channels[1], "K": self.kernel, "1": 1, "3": 3}

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import keys
 from ..errors import GgufMtpError
-from ..export.audio import AUDIO, UNIFIED_AUDIO
+from ..export.audio import AUDIO, AUDIO_DEFAULTS, UNIFIED_AUDIO, UNIFIED_FRAME, subsampled
 from ..export.projector import UNIFIED_VISION
 from ..keys import Keys
 from ..settings import RuntimeSettings
@@ -319,17 +319,17 @@ AUDIO_WARMUP_FRAMES = 3000  # clip-model.h warmup_audio_size: libmtmd sizes the 
 def _conformer_compute(m: ModelFile, frames: int) -> int:
     """gemma4a (E2B/E4B's conformer): the peak is its subsampling -- the first 3x3 stride-2 convolution's output
     next to the second's f16 im2col (models/gemma4a.cpp), measured 1.2% under libmtmd's."""
-    n_mel = int(m.meta.get(Keys.ClipAudio.NUM_MEL_BINS, 128))
+    n_mel = int(m.meta.get(Keys.ClipAudio.NUM_MEL_BINS, AUDIO_DEFAULTS["input_feat_size"]))
     conv0 = m.tensor("a.conv1d.0.weight")
-    c0 = conv0.shape[-1] if conv0 else 128
-    h1, w1 = (frames + 1) // 2, (n_mel + 1) // 2
-    h2, w2 = (h1 + 1) // 2, (w1 + 1) // 2
+    c0 = conv0.shape[-1] if conv0 else AUDIO_DEFAULTS["subsampling_conv_channels"][0]
+    h1, w1 = subsampled(frames), subsampled(n_mel)
+    h2, w2 = subsampled(h1), subsampled(w1)
     return memory.F32 * frames * n_mel + memory.F32 * c0 * h1 * w1 + 2 * h2 * w2 * c0 * 9
 
 
 def _frame_embedder_compute(m: ModelFile, frames: int) -> int:
     """gemma4ua (the 12B's audio embedder): raw frames (in, transposed, normed) and the projected rows (twice)."""
-    a = int(m.meta.get(Keys.ClipAudio.EMBEDDING_LENGTH, 640))
+    a = int(m.meta.get(Keys.ClipAudio.EMBEDDING_LENGTH, UNIFIED_FRAME))
     t = int(m.meta.get(Keys.ClipAudio.PROJECTION_DIM, 0))
     return 3 * memory.F32 * frames * a + 2 * memory.F32 * frames * t
 

@@ -81,6 +81,29 @@ def reachable(endpoint: str, timeout: float = RPC_TIMEOUT_S) -> str | None:
         return e.strerror or str(e)
 
 
+def launch_local_server(threads: int = 1, stderr=None, timeout: float = 30.0):
+    """A ``gguf-mtp rpc-server`` child on a free loopback port, listening when this returns: (process, endpoint).
+    For tests and benches (a real host runs the command itself). ``stderr``: a file for its log (default: dropped;
+    never a pipe nobody drains: a full one blocks the server)."""
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gguf_mtp", "rpc-server", "--port", str(port), "--threads",
+                             str(threads)], stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
+    endpoint, deadline = f"127.0.0.1:{port}", time.monotonic() + timeout
+    while reachable(endpoint, 1.0) is not None:
+        exited = proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RpcError(f"rpc-server on {endpoint} " + (f"exited ({proc.returncode})" if exited else
+                                                           f"did not listen within {timeout:g} s"))
+        time.sleep(0.2)
+    return proc, endpoint
+
+
 # --- adding servers -------------------------------------------------------------------------------
 def add_rpc_servers(endpoints: Sequence[str], timeout: float = RPC_TIMEOUT_S) -> list[str]:
     """Register each server's devices with ggml (once per process per endpoint); their names, in order."""
